@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices (sharding is tested on a fake mesh), float32 at highest matmul precision."""
+
+import os
+import pathlib
+
+import jax
+import pytest
+
+# Must run before anything touches a JAX backend.
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED = pathlib.Path(os.environ.get("VARJAX_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared"))
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+  """../shared (specs and large golden fixtures); CI sets VARJAX_SHARED to it."""
+  if not (SHARED / "fixtures").is_dir():
+    pytest.fail(f"shared fixtures not found at {SHARED}; set VARJAX_SHARED to the shared/ folder")
+  return SHARED
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+  """tests/fixtures: small golden files copied from ../shared/fixtures."""
+  return FIXTURES

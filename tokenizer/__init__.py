@@ -1,0 +1,1 @@
+"""Multi-scale residual VQ tokenizer (the VAR VQVAE) in Flax NNX."""

@@ -1,0 +1,1 @@
+"""var-jax: next-scale autoregressive image generation (VAR) in JAX / Flax NNX."""

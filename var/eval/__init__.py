@@ -1,0 +1,1 @@
+"""Evaluation: FID Inception-v3, FID / sFID / IS / precision-recall."""
