@@ -83,3 +83,14 @@ def test_refuses_arbitrary_code(tmp_path, capsys):
   obj = load_pth_object(p, allow_unknown_objects=True)
   assert isinstance(obj["x"], OpaqueObject) and obj["x"].qualname.endswith(".print")
   assert "code ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pth,npz", [("var/vae_shared.pth", "var/vae_shared.npz"),
+                                     ("var/T1/var.pth", "var/T1/var.npz")])
+def test_official_fixture_checkpoints_match_their_npz(shared_dir, pth, npz):
+  got = load_pth(shared_dir / "fixtures" / pth)
+  with np.load(shared_dir / "fixtures" / npz) as want:
+    assert sorted(got) == sorted(want.files)
+    for k in want.files:
+      assert got[k].dtype == want[k].dtype, k
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
