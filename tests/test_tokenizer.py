@@ -4,6 +4,7 @@ Measured max abs errors are printed (run with -s) for the report.
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from jax.sharding import AxisType
 
 from tokenizer import (
   VQVAE,
+  AttnBlock,
   ResnetBlock,
   VectorQuantizer,
   VQVAEConfig,
@@ -25,6 +27,7 @@ from tokenizer import (
   load_official_vqvae,
   phi_indices,
 )
+from tokenizer.quantizer import Phi
 
 S = 4  # T1 scales
 
@@ -377,3 +380,101 @@ def test_quantizer_variants_against_numpy(share, quant_resi, using_znorm):
       h = np.einsum("oh,bhwc,pw->bopc", bicubic_matrix(pn, 5), h, bicubic_matrix(pn, 5)) if pn != 5 else h
       rest, f_hat = rest - h, f_hat + h
     np.testing.assert_allclose(f_hats[-1], f_hat, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def _precisions(model) -> dict[str, set]:
+  """Precision of every conv (quantizer phi apart) and attention block, grouped by module type."""
+  out = {"conv": set(), "phi": set(), "attn": set()}
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, Phi):
+      out["phi"].add(m.precision)
+    elif isinstance(m, nnx.Conv):
+      out["conv"].add(m.precision)
+    elif isinstance(m, AttnBlock):
+      out["attn"].add(m.precision)
+  return out
+
+
+def test_config_precision_field_round_trip_and_validation():
+  t1 = VQVAEConfig.preset("t1")
+  assert t1.precision == "highest"
+  fast = dataclasses.replace(t1, precision="default")
+  d = fast.to_dict()
+  assert d["precision"] == "default"
+  assert VQVAEConfig.from_dict(d) == fast
+  assert VQVAEConfig.from_dict(json.loads(fast.to_json())) == fast
+  # a config saved before the field existed loads at full precision
+  old = {k: v for k, v in t1.to_dict().items() if k != "precision"}
+  assert VQVAEConfig.from_dict(old).precision == "highest"
+  with pytest.raises(ValueError, match=r"precision must be one of \['default', 'high', 'highest'\].*'fp32'"):
+    VQVAEConfig.from_dict({**d, "precision": "fp32"})
+
+
+@pytest.mark.parametrize("name, want", [("highest", jax.lax.Precision.HIGHEST), ("default", None)])
+def test_precision_reaches_every_conv_and_attention(name, want):
+  cfg = dataclasses.replace(VQVAEConfig.preset("t1"), precision=name)
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: VQVAE(cfg, rngs=nnx.Rngs(0)))
+  got = _precisions(model)
+  assert got["conv"] == {want} and got["attn"] == {want}, got
+  assert got["phi"] == {jax.lax.Precision.HIGHEST}  # the quantizer is always exact float32
+  assert model.quant_conv.precision == want and model.post_quant_conv.precision == want
+
+
+def test_bfloat16_attention_softmax_in_float32():
+  with nnx.use_eager_sharding(False):
+    block = AttnBlock(32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 32), jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(lambda x: block(x))(x)
+  exps = [e for e in jaxpr.eqns if e.primitive.name == "exp"]
+  assert exps and all(e.outvars[0].aval.dtype == jnp.float32 for e in exps)
+  assert jaxpr.out_avals[0].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ sampling glue
+def test_next_autoregressive_input_range_and_float32(t1):
+  model, io, _ = t1
+  f_hat = jnp.zeros((4, 4, 4, 8), jnp.float32)
+  h = model.embed(jnp.asarray(io["idx_s1"])).reshape(4, 2, 2, 8)
+  for si in (-1, S):
+    with pytest.raises(ValueError, match=rf"si={si} is out of range \[0, 3\] for S=4"):
+      model.next_autoregressive_input(si, f_hat, h)
+  # a bfloat16 h is resampled in float32 (a bf16 bicubic matrix would round the weights)
+  h16 = h.astype(jnp.bfloat16)
+  got, nxt = model.next_autoregressive_input(1, f_hat, h16)
+  want, want_nxt = model.next_autoregressive_input(1, f_hat, h16.astype(jnp.float32))
+  assert got.dtype == jnp.float32 and nxt.dtype == jnp.float32
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(nxt, want_nxt)
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+@nnx.jit
+def _dropout_outputs(model, img):
+  return dict(
+    f=[model.encode(img), model.encode(img)],
+    idx=[model.img_to_idx(img), model.img_to_idx(img)],
+    train=[model(img)[0], model(img)[0]],
+    det=model(img, deterministic=True),
+  )
+
+
+def test_dropout_only_in_the_training_forward():
+  cfg = VQVAEConfig(
+    ch=32, ch_mult=(1, 1), num_res_blocks=1, using_sa=False, using_mid_sa=False, z_channels=4, vocab_size=16,
+    patch_nums=(1, 4), dropout=0.5,
+  )
+  with nnx.use_eager_sharding(False):
+    model = VQVAE(cfg, rngs=nnx.Rngs(0))
+  # a codebook at the scale of f (the official init is ~1/V, far smaller), so that tokens depend on f
+  model.quantize.embedding.embedding[...] = 0.2 * jax.random.normal(jax.random.key(1), (16, 4))
+  img = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+  out = _dropout_outputs(model, img)  # the module is in train mode (nnx.Dropout's default)
+  np.testing.assert_array_equal(*out["f"])
+  assert len(np.unique(np.asarray(out["idx"][0][-1]))) > 3
+  for a, b, c in zip(*out["idx"], out["det"][2], strict=True):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)  # the deterministic training forward picks the same tokens
+  # the training forward drops: two calls draw different masks
+  assert float(jnp.max(jnp.abs(out["train"][0] - out["train"][1]))) > 1e-3

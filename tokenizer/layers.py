@@ -3,6 +3,9 @@
 Module and attribute names mirror the official torch modules (`encoder.down.0.block.1.conv1`, `mid.attn_1`,
 `up.4.upsample.conv`, ...) so that the official state dict maps onto the NNX state by name alone
 (see tokenizer/official.py). Conv kernels are HWIO, annotated (None, None, "conv_in", "conv_out").
+
+`precision` (a `jax.lax.Precision` or None = the backend default / `jax_default_matmul_precision`) goes to every
+conv and attention einsum; `deterministic` (None = each Dropout's own train/eval flag) to every dropout.
 """
 
 import jax
@@ -14,9 +17,17 @@ CONV_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def conv(
-  in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding="SAME", dtype=jnp.float32, rngs: nnx.Rngs
+  in_ch: int,
+  out_ch: int,
+  kernel: int,
+  *,
+  stride: int = 1,
+  padding="SAME",
+  dtype=jnp.float32,
+  precision: jax.lax.Precision | None = None,
+  rngs: nnx.Rngs,
 ) -> nnx.Conv:
-  """A 2-D conv with logical axis names on its kernel (H, W, I, O) and bias (O,)."""
+  """A 2-D conv with logical axis names on its kernel (H, W, I, O) and bias (O,), at the given precision."""
   return nnx.Conv(
     in_ch,
     out_ch,
@@ -26,6 +37,7 @@ def conv(
     kernel_init=nnx.with_partitioning(CONV_INIT, (None, None, "conv_in", "conv_out")),
     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
     dtype=dtype,
+    precision=precision,
     rngs=rngs,
   )
 
@@ -49,48 +61,65 @@ def group_norm(ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.GroupNorm:
 class ResnetBlock(nnx.Module):
   """x + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))), with a 1x1 `nin_shortcut` when the width changes."""
 
-  def __init__(self, in_ch: int, out_ch: int, *, dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    *,
+    dropout: float = 0.0,
+    dtype=jnp.float32,
+    precision: jax.lax.Precision | None = None,
+    rngs: nnx.Rngs,
+  ):
     self.norm1 = group_norm(in_ch, dtype=dtype, rngs=rngs)
-    self.conv1 = conv(in_ch, out_ch, 3, dtype=dtype, rngs=rngs)
+    self.conv1 = conv(in_ch, out_ch, 3, dtype=dtype, precision=precision, rngs=rngs)
     self.norm2 = group_norm(out_ch, dtype=dtype, rngs=rngs)
     # Official: nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity().
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 1e-6 else None
-    self.conv2 = conv(out_ch, out_ch, 3, dtype=dtype, rngs=rngs)
-    self.nin_shortcut = conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
+    self.conv2 = conv(out_ch, out_ch, 3, dtype=dtype, precision=precision, rngs=rngs)
+    self.nin_shortcut = (
+      conv(in_ch, out_ch, 1, dtype=dtype, precision=precision, rngs=rngs) if in_ch != out_ch else None
+    )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    """deterministic: True disables dropout, False applies it, None follows the module's train/eval mode."""
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = nnx.silu(self.norm2(h))
     if self.dropout is not None:
-      h = self.dropout(h)
+      h = self.dropout(h, deterministic=deterministic)
     h = self.conv2(h)
     shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
     return shortcut + h
 
 
 class AttnBlock(nnx.Module):
-  """Single-head self-attention over all pixels (row-major), residual: x + proj_out(attn(norm(x)))."""
+  """Single-head self-attention over all pixels (row-major), residual: x + proj_out(attn(norm(x))).
 
-  def __init__(self, ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  The logits and softmax are computed in float32 whatever the activation dtype (a bf16 softmax over N pixels
+  loses most of its mass resolution); the weights are cast back to the activation dtype for the value product.
+  """
+
+  def __init__(self, ch: int, *, dtype=jnp.float32, precision: jax.lax.Precision | None = None, rngs: nnx.Rngs):
+    self.precision = precision
     self.norm = group_norm(ch, dtype=dtype, rngs=rngs)
-    self.qkv = conv(ch, 3 * ch, 1, dtype=dtype, rngs=rngs)
-    self.proj_out = conv(ch, ch, 1, dtype=dtype, rngs=rngs)
+    self.qkv = conv(ch, 3 * ch, 1, dtype=dtype, precision=precision, rngs=rngs)
+    self.proj_out = conv(ch, ch, 1, dtype=dtype, precision=precision, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
     qkv = self.qkv(self.norm(x)).reshape(b, hh * ww, 3 * c)  # (B, N, 3C); channels [q | k | v] as in torch
     q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
-    w = jnp.einsum("bic,bjc->bij", q, k) * (int(c) ** -0.5)  # (B, N, N)
-    w = jax.nn.softmax(w, axis=-1)
-    out = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hh, ww, c)
+    w = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(w * (int(c) ** -0.5), axis=-1).astype(v.dtype)  # (B, N, N)
+    out = jnp.einsum("bij,bjc->bic", w, v, precision=self.precision).reshape(b, hh, ww, c)
     return x + self.proj_out(out)
 
 
 class Downsample(nnx.Module):
   """Zero-pad right and bottom by one (not symmetric, as the official code), then 3x3 conv stride 2."""
 
-  def __init__(self, ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = conv(ch, ch, 3, stride=2, padding="VALID", dtype=dtype, rngs=rngs)
+  def __init__(self, ch: int, *, dtype=jnp.float32, precision: jax.lax.Precision | None = None, rngs: nnx.Rngs):
+    self.conv = conv(ch, ch, 3, stride=2, padding="VALID", dtype=dtype, precision=precision, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -99,8 +128,8 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
   """Nearest-neighbour x2 (each pixel repeated 2x2), then 3x3 conv."""
 
-  def __init__(self, ch: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = conv(ch, ch, 3, dtype=dtype, rngs=rngs)
+  def __init__(self, ch: int, *, dtype=jnp.float32, precision: jax.lax.Precision | None = None, rngs: nnx.Rngs):
+    self.conv = conv(ch, ch, 3, dtype=dtype, precision=precision, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -118,9 +147,9 @@ class Level(nnx.Module):
     if upsample is not None:
       self.upsample = upsample
 
-  def blocks(self, h: jax.Array) -> jax.Array:
+  def blocks(self, h: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
     for i, blk in enumerate(self.block):
-      h = blk(h)
+      h = blk(h, deterministic=deterministic)
       if len(self.attn):
         h = self.attn[i](h)
     return h
@@ -129,16 +158,26 @@ class Level(nnx.Module):
 class Mid(nnx.Module):
   """Middle: ResnetBlock -> AttnBlock (or identity) -> ResnetBlock at constant width."""
 
-  def __init__(self, ch: int, *, using_mid_sa: bool, dropout: float, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.block_1 = ResnetBlock(ch, ch, dropout=dropout, dtype=dtype, rngs=rngs)
-    self.attn_1 = AttnBlock(ch, dtype=dtype, rngs=rngs) if using_mid_sa else None
-    self.block_2 = ResnetBlock(ch, ch, dropout=dropout, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    ch: int,
+    *,
+    using_mid_sa: bool,
+    dropout: float,
+    dtype=jnp.float32,
+    precision: jax.lax.Precision | None = None,
+    rngs: nnx.Rngs,
+  ):
+    kw = dict(dtype=dtype, precision=precision, rngs=rngs)
+    self.block_1 = ResnetBlock(ch, ch, dropout=dropout, **kw)
+    self.attn_1 = AttnBlock(ch, **kw) if using_mid_sa else None
+    self.block_2 = ResnetBlock(ch, ch, dropout=dropout, **kw)
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    h = self.block_1(h)
+  def __call__(self, h: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    h = self.block_1(h, deterministic=deterministic)
     if self.attn_1 is not None:
       h = self.attn_1(h)
-    return self.block_2(h)
+    return self.block_2(h, deterministic=deterministic)
 
 
 class Encoder(nnx.Module):
@@ -156,11 +195,13 @@ class Encoder(nnx.Module):
     using_sa: bool = True,
     using_mid_sa: bool = True,
     dtype=jnp.float32,
+    precision: jax.lax.Precision | None = None,
     rngs: nnx.Rngs,
   ):
     n_levels = len(ch_mult)
     in_ch_mult = (1,) + tuple(ch_mult)
-    self.conv_in = conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, precision=precision, rngs=rngs)
+    self.conv_in = conv(in_channels, ch, 3, **kw)
     levels = []
     block_in = ch
     for i in range(n_levels):
@@ -168,24 +209,25 @@ class Encoder(nnx.Module):
       block_out = ch * ch_mult[i]
       blocks, attns = [], []
       for _ in range(num_res_blocks):
-        blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, dtype=dtype, rngs=rngs))
+        blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
         block_in = block_out
         if i == n_levels - 1 and using_sa:
-          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs))
-      down = Downsample(block_in, dtype=dtype, rngs=rngs) if i != n_levels - 1 else None
+          attns.append(AttnBlock(block_in, **kw))
+      down = Downsample(block_in, **kw) if i != n_levels - 1 else None
       levels.append(Level(blocks, attns, downsample=down))
     self.down = nnx.List(levels)
-    self.mid = Mid(block_in, using_mid_sa=using_mid_sa, dropout=dropout, dtype=dtype, rngs=rngs)
+    self.mid = Mid(block_in, using_mid_sa=using_mid_sa, dropout=dropout, **kw)
     self.norm_out = group_norm(block_in, dtype=dtype, rngs=rngs)
-    self.conv_out = conv(block_in, z_channels, 3, dtype=dtype, rngs=rngs)
+    self.conv_out = conv(block_in, z_channels, 3, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    """deterministic: True disables dropout, False applies it, None follows the module's train/eval mode."""
     h = self.conv_in(x)
     for i, level in enumerate(self.down):
-      h = level.blocks(h)
+      h = level.blocks(h, deterministic=deterministic)
       if i != len(self.down) - 1:
         h = level.downsample(h)
-    h = self.mid(h)
+    h = self.mid(h, deterministic=deterministic)
     return self.conv_out(nnx.silu(self.norm_out(h)))
 
 
@@ -207,31 +249,34 @@ class Decoder(nnx.Module):
     using_sa: bool = True,
     using_mid_sa: bool = True,
     dtype=jnp.float32,
+    precision: jax.lax.Precision | None = None,
     rngs: nnx.Rngs,
   ):
     n_levels = len(ch_mult)
     block_in = ch * ch_mult[-1]
-    self.conv_in = conv(z_channels, block_in, 3, dtype=dtype, rngs=rngs)
-    self.mid = Mid(block_in, using_mid_sa=using_mid_sa, dropout=dropout, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, precision=precision, rngs=rngs)
+    self.conv_in = conv(z_channels, block_in, 3, **kw)
+    self.mid = Mid(block_in, using_mid_sa=using_mid_sa, dropout=dropout, **kw)
     levels = [None] * n_levels
     for i in reversed(range(n_levels)):  # construction order = execution order (deepest level first)
       block_out = ch * ch_mult[i]
       blocks, attns = [], []
       for _ in range(num_res_blocks + 1):
-        blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, dtype=dtype, rngs=rngs))
+        blocks.append(ResnetBlock(block_in, block_out, dropout=dropout, **kw))
         block_in = block_out
         if i == n_levels - 1 and using_sa:
-          attns.append(AttnBlock(block_in, dtype=dtype, rngs=rngs))
-      up = Upsample(block_in, dtype=dtype, rngs=rngs) if i != 0 else None
+          attns.append(AttnBlock(block_in, **kw))
+      up = Upsample(block_in, **kw) if i != 0 else None
       levels[i] = Level(blocks, attns, upsample=up)
     self.up = nnx.List(levels)
     self.norm_out = group_norm(block_in, dtype=dtype, rngs=rngs)
-    self.conv_out = conv(block_in, in_channels, 3, dtype=dtype, rngs=rngs)
+    self.conv_out = conv(block_in, in_channels, 3, **kw)
 
-  def __call__(self, z: jax.Array) -> jax.Array:
-    h = self.mid(self.conv_in(z))
+  def __call__(self, z: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    """deterministic: True disables dropout, False applies it, None follows the module's train/eval mode."""
+    h = self.mid(self.conv_in(z), deterministic=deterministic)
     for i in reversed(range(len(self.up))):
-      h = self.up[i].blocks(h)
+      h = self.up[i].blocks(h, deterministic=deterministic)
       if i != 0:
         h = self.up[i].upsample(h)
     return self.conv_out(nnx.silu(self.norm_out(h)))

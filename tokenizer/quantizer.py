@@ -238,8 +238,14 @@ class VectorQuantizer(nnx.Module):
 
     h (B, pn_si, pn_si, Cvae) are the embedded tokens of scale si; returns (f_hat, next) with next the
     cumulative f_hat area-resized to the next scale (B, pn_{si+1}, pn_{si+1}, Cvae), or (f_hat, f_hat) at
-    the last scale.
+    the last scale. Computes in float32 (a bf16 h would round the bicubic resampling).
     """
+    if not 0 <= si < self.num_scales:
+      raise ValueError(
+        f"scale index si={si} is out of range [0, {self.num_scales - 1}] for S={self.num_scales} scales "
+        f"(patch_nums {self.patch_nums})"
+      )
+    h = h.astype(jnp.float32)
     if si != self.num_scales - 1:
       f_hat = f_hat + self.phi(si, bicubic_resize(h, self.latent_size))
       return f_hat, area_resize(f_hat, self.patch_nums[si + 1])

@@ -10,8 +10,9 @@ Public API (B batch, H = W image side, P = patch_nums[-1] latent side, pn_si sca
   idx_to_img(idx_list, all_scales)    -> image (or one image per partial sum)
   idx_to_var_input(idx_list)          -> (B, L - pn_0**2, C) teacher-forcing input of the VAR transformer
   next_autoregressive_input(si, f_hat, h) -> (f_hat, next input map) for sampling
-  __call__(img)                       -> (unclamped reconstruction, vq_loss, tokens) training forward
-All shapes are static; wrap calls in `nnx.jit` (or split/merge + `jax.jit`) as usual.
+  __call__(img, deterministic=None)   -> (unclamped reconstruction, vq_loss, tokens) training forward
+All shapes are static; wrap calls in `nnx.jit` (or split/merge + `jax.jit`) as usual. Every API but `__call__` is
+deterministic (no dropout) whatever the module's train/eval mode.
 """
 
 import dataclasses
@@ -29,6 +30,10 @@ from tokenizer.quantizer import VectorQuantizer
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
+# VQVAEConfig.precision -> the precision of the encoder/decoder convs, attention einsums and (post_)quant_conv.
+# "default" is None: the backend default (TF32 / bf16 passes on GPU / TPU), or jax_default_matmul_precision if set.
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH, "default": None}
+
 
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
@@ -36,6 +41,12 @@ class VQVAEConfig:
 
   `dtype` is the activation dtype of the encoder/decoder ("float32" or "bfloat16"); parameters stay float32
   and the quantizer always computes in float32, as the official code does.
+
+  `precision` is the matmul/conv precision of the encoder, decoder, quant_conv and post_quant_conv ("highest",
+  "high" or "default"; the quantizer always runs at HIGHEST). "highest" (the default) gives float32 parity with
+  the official model on any accelerator (exact tokens from img_to_idx); "default" lets GPUs/TPUs use TF32/bf16
+  passes, faster for tokenizer training but f is then only ~1e-3 accurate and tokens near a tie can flip. Configs
+  saved before this field existed load as "highest".
   """
 
   ch: int = 160
@@ -53,6 +64,7 @@ class VQVAEConfig:
   in_channels: int = 3
   using_znorm: bool = False
   dtype: str = "float32"
+  precision: str = "highest"
 
   def __post_init__(self):
     # Lists from JSON become tuples so the config stays hashable (usable as a static jit argument).
@@ -80,6 +92,11 @@ class VQVAEConfig:
       )
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+    if self.precision not in PRECISIONS:
+      raise ValueError(
+        f"precision must be one of {sorted(PRECISIONS)} ('highest': float32 parity with the official model, "
+        f"'default': faster on GPU/TPU), got {self.precision!r}"
+      )
 
   @property
   def downsample(self) -> int:
@@ -136,11 +153,20 @@ PRESETS = {
 
 
 class VQVAE(nnx.Module):
-  """Multi-scale residual VQVAE; parameter names mirror the official torch state dict."""
+  """Multi-scale residual VQVAE; parameter names mirror the official torch state dict.
+
+  Parameters carry logical sharding names (conv_in / conv_out / codebook / latent), so construct the model under
+  `nnx.use_eager_sharding(False)` (then shard it yourself, e.g. device_put with nnx.get_named_sharding), or
+  inside a mesh (`jax.set_mesh`) with `nnx.logical_axis_rules` that map those names.
+
+  Dropout (config.dropout > 0) is applied only by the training forward `__call__`; the inference APIs (encode,
+  img_to_idx, f_to_idx_or_fhat, fhat_to_img, idx_to_img, reconstruct, ...) never drop, in train or eval mode.
+  """
 
   def __init__(self, config: VQVAEConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
+    precision = PRECISIONS[config.precision]
     arch = dict(
       ch=config.ch,
       ch_mult=config.ch_mult,
@@ -151,6 +177,7 @@ class VQVAE(nnx.Module):
       using_sa=config.using_sa,
       using_mid_sa=config.using_mid_sa,
       dtype=dtype,
+      precision=precision,
     )
     self.encoder = layers.Encoder(**arch, rngs=rngs)
     self.decoder = layers.Decoder(**arch, rngs=rngs)
@@ -164,8 +191,8 @@ class VQVAE(nnx.Module):
       using_znorm=config.using_znorm,
       rngs=rngs,
     )
-    self.quant_conv = layers.conv(config.z_channels, config.z_channels, 3, rngs=rngs)
-    self.post_quant_conv = layers.conv(config.z_channels, config.z_channels, 3, rngs=rngs)
+    self.quant_conv = layers.conv(config.z_channels, config.z_channels, 3, precision=precision, rngs=rngs)
+    self.post_quant_conv = layers.conv(config.z_channels, config.z_channels, 3, precision=precision, rngs=rngs)
 
   # ----------------------------------------------------------------------------------------------- encoding
   def _check_img(self, img: jax.Array):
@@ -175,9 +202,12 @@ class VQVAE(nnx.Module):
     c.check_image_size(img.shape[1])
 
   def encode(self, img: jax.Array) -> jax.Array:
-    """img (B, H, W, 3) in [-1, 1] -> f = quant_conv(encoder(img)) (B, P, P, Cvae), float32."""
+    """img (B, H, W, 3) in [-1, 1] -> f = quant_conv(encoder(img)) (B, P, P, Cvae), float32, no dropout."""
+    return self._encode(img, deterministic=True)
+
+  def _encode(self, img: jax.Array, *, deterministic: bool | None) -> jax.Array:
     self._check_img(img)
-    h = self.encoder(img.astype(jnp.dtype(self.config.dtype)))
+    h = self.encoder(img.astype(jnp.dtype(self.config.dtype)), deterministic=deterministic)
     return self.quant_conv(h).astype(jnp.float32)
 
   def f_to_idx_or_fhat(self, f: jax.Array, to_fhat: bool = False) -> list[jax.Array]:
@@ -185,7 +215,11 @@ class VQVAE(nnx.Module):
     return self.quantize.f_to_idx_or_fhat(f, to_fhat=to_fhat)
 
   def img_to_idx(self, img: jax.Array) -> list[jax.Array]:
-    """img (B, H, W, 3) -> exact official tokens [(B, pn^2) int32] per scale, row-major."""
+    """img (B, H, W, 3) -> tokens [(B, pn^2) int32] per scale, row-major, no dropout.
+
+    The exact official tokens in float32 (config.dtype='float32', precision='highest'); bfloat16 activations
+    can change tokens.
+    """
     return self.quantize.f_to_idx_or_fhat(self.encode(img), to_fhat=False)
 
   # ----------------------------------------------------------------------------------------------- decoding
@@ -199,11 +233,11 @@ class VQVAE(nnx.Module):
 
   def fhat_to_img(self, f_hat: jax.Array) -> jax.Array:
     """f_hat (B, P, P, Cvae) -> decoder(post_quant_conv(f_hat)) clamped to [-1, 1] (B, H, W, 3)."""
-    return jnp.clip(self._decode(f_hat), -1.0, 1.0)
+    return jnp.clip(self._decode(f_hat, deterministic=True), -1.0, 1.0)
 
-  def _decode(self, f_hat: jax.Array) -> jax.Array:
+  def _decode(self, f_hat: jax.Array, *, deterministic: bool | None) -> jax.Array:
     h = self.post_quant_conv(f_hat.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
-    return self.decoder(h).astype(jnp.float32)
+    return self.decoder(h, deterministic=deterministic).astype(jnp.float32)
 
   def idx_to_img(self, idx_list, all_scales: bool = False):
     """Tokens -> image (B, H, W, 3) in [-1, 1]; with all_scales one image per cumulative f_hat (a list).
@@ -242,14 +276,19 @@ class VQVAE(nnx.Module):
     return list(jnp.split(idx_bl, bounds, axis=1))
 
   # ----------------------------------------------------------------------------------------------- training
-  def __call__(self, img: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+  def __call__(
+    self, img: jax.Array, *, deterministic: bool | None = None
+  ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
     """Training forward (official `VQVAE.forward`): img -> (reconstruction, unclamped (B, H, W, 3);
     vq_loss (scalar, beta * commitment + codebook, mean over scales); tokens [(B, pn^2)] per scale).
 
     The quantizer output is straight-through: its value is f_hat, its gradient flows to the encoder.
+    Dropout (config.dropout > 0) follows the module's train/eval mode (`model.train()` / `model.eval()`,
+    train by default) unless `deterministic` is given; its masks come from the dropout RNG streams forked at
+    construction (the `dropout` stream of the constructor's Rngs, else its default stream), advanced per call.
     """
-    f_hat, vq_loss, idx_list = self.quantize(self.encode(img))
-    return self._decode(f_hat), vq_loss, idx_list
+    f_hat, vq_loss, idx_list = self.quantize(self._encode(img, deterministic=deterministic))
+    return self._decode(f_hat, deterministic=deterministic), vq_loss, idx_list
 
 
 def num_params(model: nnx.Module) -> int:
