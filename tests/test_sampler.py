@@ -251,6 +251,7 @@ def test_input_errors(greedy):
 def test_sample_images_helper(t1):
   """The helper the training loop calls: class-major order, seed + i per sample, compiled sampler reused."""
   var, vae, io = t1
+  sampler_lib._SAMPLERS.clear()  # other tests (training loop, CLI) may have cached samplers of their own
   images = sampler_lib.sample_images(var, vae, [3, 0, 9, 3], cfg=1.5, top_k=1)
   assert isinstance(images, np.ndarray) and images.shape == (4, 16, 16, 3)
   np.testing.assert_allclose(images, io["sample_cfg1p5_img"].transpose(0, 2, 3, 1), atol=1e-4)
