@@ -78,7 +78,7 @@ def main(argv):
   grid = images.reshape(10, n, *images.shape[1:]).transpose(1, 0, 2, 3, 4).reshape(-1, *images.shape[1:])
   grid_path = train_lib.save_image_grid(grid, workdir / "samples_grid.png", ncols=10)  # one column per digit
 
-  print("[4/4] judging the samples with a CNN trained on the real digits", flush=True)
+  print("[4/4] judging the samples with a classifier trained on the real digits", flush=True)
   judge = DigitsJudge.train(resolution=tok_cfg.input.resolution, seed=0, crop_scale=tok_cfg.input.crop_scale,
                             upsample=tok_cfg.input.upsample)
   quality = judge.report(images, labels, value_range="[0,1]")
