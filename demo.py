@@ -12,9 +12,8 @@ Steps (each resumable: re-running continues from the last checkpoints):
   3. train the class-conditional VAR (configs/digits_var.py: depth 4) on its tokens into <workdir>/var;
   4. sample `--num_per_class` images of every digit with classifier-free guidance `--cfg` (var/sampler.py) and
      write the grid PNG;
-  5. judge the samples with var/eval/digits_quality.py: a small CNN trained on the real training digits
-  reports the
-     class accuracy of the generated digits (target >= 90%) and a Frechet distance to the real held-out
+  5. judge the samples with var/eval/digits_quality.py: a small classifier trained on the real training digits
+     reports the class accuracy of the generated digits (target >= 90%) and a Frechet distance to the real held-out
      digits.
 Prints the wall time, final losses, tokenizer PSNR and codebook usage, the grid path and the figures, and
 writes them to <workdir>/demo_report.json.

@@ -1,7 +1,8 @@
-"""Quality of generated digits, judged by a small CNN trained only on the real digits training split.
+"""Quality of generated digits, judged by a small classifier trained only on the real digits training split.
 
 `make demo` trains a class-conditional VAR on the embedded UCI digits; this module says how good its samples are
-without any downloaded network: a small CNN (a few seconds on a CPU, deterministic given the seed) is trained
+without any downloaded network: a small MLP on the images area-pooled to the digits' native 8x8 (a few seconds
+on a CPU, deterministic given the seed) is trained
 on the real training split at the demo resolution and then reports
 
 * its own accuracy on the real held-out split (how far the judge can be trusted: >= 0.9),
