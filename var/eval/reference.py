@@ -12,6 +12,7 @@ same format with only arr_0 (what sample.py writes). Images are streamed in batc
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 import os
@@ -40,15 +41,16 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-class ImageSource:
-  """A sized collection of same-shape uint8 RGB images, read in batches."""
+class ImageSource(abc.ABC):
+  """A sized collection of same-shape uint8 RGB images, read in batches (npz, folder and tfds subclasses)."""
 
   name: str
   num_images: int
   image_shape: tuple[int, int, int]  # (H, W, 3)
 
+  @abc.abstractmethod
   def read(self, start: int, stop: int) -> np.ndarray:  # (stop - start, H, W, 3) uint8
-    raise NotImplementedError
+    """Images [start, stop) as one uint8 array."""
 
   def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
     """Consecutive (<= batch_size, H, W, 3) uint8 batches over the first `limit` (default all) images."""
