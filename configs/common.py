@@ -131,3 +131,15 @@ def tokenizer_loss_config(**kw) -> ml_collections.ConfigDict:
   loss.disc_b2 = 0.9
   loss.update(kw)
   return loss
+
+
+def make_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a full-scale recipe to a few steps of small batches (`:runlocal`, plumbing checks), in place."""
+  c.total_steps = 4
+  c.input.batch_size = 8
+  c.input.workers = 0
+  c.log_every_steps = 1
+  c.eval_every_steps = 0
+  c.eval_batches = 1
+  c.sample_every_steps = 0
+  c.ckpt.every_steps = 2

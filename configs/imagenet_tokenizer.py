@@ -36,13 +36,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.eval_every_steps = 5000
   c.eval_batches = 50
   c.ckpt.every_steps = 5000
-  if arg.runlocal:
-    c.total_steps = 4
-    c.input.batch_size = 8
-    c.input.workers = 0
-    c.log_every_steps = 1
-    c.eval_every_steps = 0
-    c.eval_batches = 1
-    c.ckpt.every_steps = 2
+  if arg.runlocal:  # the same recipe on a few steps of small batches (plumbing checks)
+    common.make_runlocal(c)
     c.loss.lpips_weight = 0.0
   return c

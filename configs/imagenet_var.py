@@ -65,13 +65,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sample_kwargs = ml_collections.ConfigDict({"cfg": 4.0, "top_k": 900, "top_p": 0.95, "seed": 0})
   c.ckpt.every_steps = 2000
   c.ckpt.max_to_keep = 3
-  if arg.runlocal:  # the same recipe on a few steps of mocked-size batches (plumbing checks)
-    c.total_steps = 4
-    c.input.batch_size = 8
-    c.input.workers = 0
-    c.log_every_steps = 1
-    c.eval_every_steps = 0
-    c.eval_batches = 1
-    c.sample_every_steps = 0
-    c.ckpt.every_steps = 2
+  if arg.runlocal:  # the same recipe on a few steps of small batches (plumbing checks)
+    common.make_runlocal(c)
   return c
