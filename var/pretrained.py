@@ -142,6 +142,19 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
+
+def _restore_part(directory, subdir: str, module_cls, config):
+  """Restores a `module_cls(config)` from the parameter folder `directory/subdir` (clear error if it is missing)."""
+  path = os.path.join(os.fspath(directory), subdir)
+  if not os.path.isdir(path):
+    raise ValueError(f"corrupt model directory {directory}: the {subdir}/ parameter folder is missing")
+
+  def build():
+    with nnx.use_eager_sharding(False):
+      return module_cls(config, rngs=nnx.Rngs(0))
+
+  return restore_module(path, build)
+
 def load_tokenizer(directory: str | os.PathLike) -> tuple[VQVAE, VQVAEConfig]:
   """Loads the tokenizer of a model directory -> (VQVAE with restored parameters, its VQVAEConfig).
 
@@ -154,15 +167,7 @@ def load_tokenizer(directory: str | os.PathLike) -> tuple[VQVAE, VQVAEConfig]:
     config = VQVAEConfig.from_dict(meta["tokenizer"])
   except (TypeError, ValueError) as e:
     raise ValueError(f"corrupt tokenizer config in {directory}: {e}") from e
-  path = os.path.join(os.fspath(directory), TOKENIZER_DIR)
-  if not os.path.isdir(path):
-    raise ValueError(f"corrupt model directory {directory}: the {TOKENIZER_DIR}/ parameter folder is missing")
-
-  def build():
-    with nnx.use_eager_sharding(False):
-      return VQVAE(config, rngs=nnx.Rngs(0))
-
-  return restore_module(path, build), config
+  return _restore_part(directory, TOKENIZER_DIR, VQVAE, config), config
 
 
 def load_var(directory: str | os.PathLike):
@@ -186,15 +191,7 @@ def load_var(directory: str | os.PathLike):
   if mismatch:
     raise ValueError(f"model directory {directory}: the VAR config does not match its tokenizer "
                      f"(field: (var, tokenizer)) {mismatch}; re-export the directory with matching models")
-  path = os.path.join(os.fspath(directory), VAR_DIR)
-  if not os.path.isdir(path):
-    raise ValueError(f"corrupt model directory {directory}: the {VAR_DIR}/ parameter folder is missing")
-
-  def build():
-    with nnx.use_eager_sharding(False):
-      return VAR(config, rngs=nnx.Rngs(0))
-
-  return restore_module(path, build), config
+  return _restore_part(directory, VAR_DIR, VAR, config), config
 
 
 def load_pretrained(directory: str | os.PathLike):
