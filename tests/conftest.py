@@ -26,3 +26,18 @@ def shared_dir() -> pathlib.Path:
 def fixtures_dir() -> pathlib.Path:
   """tests/fixtures: small golden files copied from ../shared/fixtures."""
   return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fid_dir(shared_dir) -> pathlib.Path:
+  """../shared/fixtures/fid: the FID Inception parity fixtures."""
+  return shared_dir / "fixtures" / "fid"
+
+
+@pytest.fixture(scope="session")
+def fid_io(fid_dir) -> dict:
+  """inception_io.npz: test images, preprocessed inputs and the reference network outputs."""
+  import numpy as np
+
+  with np.load(fid_dir / "inception_io.npz") as z:
+    return {k: z[k] for k in z.files}

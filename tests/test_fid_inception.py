@@ -21,17 +21,6 @@ OUTPUTS = {"pool3": "pool3", "logits": "logits", "logits_unbiased": "logits_unbi
 
 
 @pytest.fixture(scope="module")
-def fid_dir(shared_dir):
-  return shared_dir / "fixtures" / "fid"
-
-
-@pytest.fixture(scope="module")
-def io(fid_dir):
-  with np.load(fid_dir / "inception_io.npz") as z:
-    return {k: z[k] for k in z.files}
-
-
-@pytest.fixture(scope="module")
 def state_dict(fid_dir):
   return inc.load_inception_state_dict(fid_dir / "inception_random_state_dict.npz")
 
@@ -42,12 +31,12 @@ def model(state_dict):
 
 
 @pytest.fixture(scope="module")
-def outputs(model, io):
+def outputs(model, fid_io):
   """One network call: [pfid x299 | tf1 x299 | adm e2e | pytorch_fid e2e], 4 images each."""
-  images = jnp.asarray(io["images_uint8"])
+  images = jnp.asarray(fid_io["images_uint8"])
   x = jnp.concatenate([
-    jnp.asarray(io["pfid_x299_nchw_f32"].transpose(0, 2, 3, 1)),
-    jnp.asarray(io["tf1_x299_nchw_f32"].transpose(0, 2, 3, 1)),
+    jnp.asarray(fid_io["pfid_x299_nchw_f32"].transpose(0, 2, 3, 1)),
+    jnp.asarray(fid_io["tf1_x299_nchw_f32"].transpose(0, 2, 3, 1)),
     preprocess(images, "adm"),
     preprocess(images, "pytorch_fid"),
   ])
@@ -59,19 +48,19 @@ def outputs(model, io):
 
 @pytest.mark.parametrize("prefix", ["pfid", "tf1"])
 @pytest.mark.parametrize("key", sorted(OUTPUTS))
-def test_network_matches_torch_float64(outputs, io, prefix, key):
+def test_network_matches_torch_float64(outputs, fid_io, prefix, key):
   # Network only (same x299 input as torch): float32 port vs the float64 torch network.
   got = outputs[f"{prefix}_net"][key]
-  want = io[f"{prefix}_net64_{OUTPUTS[key]}"]
+  want = fid_io[f"{prefix}_net64_{OUTPUTS[key]}"]
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode,prefix", [("adm_e2e", "tf1"), ("pfid_e2e", "pfid")])
 @pytest.mark.parametrize("key", sorted(OUTPUTS))
-def test_end_to_end_from_uint8(outputs, io, mode, prefix, key):
+def test_end_to_end_from_uint8(outputs, fid_io, mode, prefix, key):
   # uint8 -> resize -> normalise -> network; the net amplifies float32 input rounding ~100x (README: atol 2e-3).
-  np.testing.assert_allclose(outputs[mode][key], io[f"{prefix}_e2e_f64_{OUTPUTS[key]}"], rtol=0, atol=2e-3)
+  np.testing.assert_allclose(outputs[mode][key], fid_io[f"{prefix}_e2e_f64_{OUTPUTS[key]}"], rtol=0, atol=2e-3)
 
 
 def test_modes_differ_on_small_images(outputs):
@@ -80,10 +69,10 @@ def test_modes_differ_on_small_images(outputs):
 
 
 @pytest.mark.parametrize("neg", ["neg_pool3_count_include_pad_true", "neg_pool3_e2_avgpool"])
-def test_port_is_far_from_wrong_architectures(outputs, io, neg):
+def test_port_is_far_from_wrong_architectures(outputs, fid_io, neg):
   # The negatives come from pytorch-fid's preprocessing; the port matches the right variant to 2e-3 (above).
-  assert np.abs(outputs["pfid_e2e"]["pool3"] - io["pfid_e2e_f32_pool3"]).max() < 2e-3
-  assert np.abs(outputs["pfid_e2e"]["pool3"] - io[neg]).max() > 0.5
+  assert np.abs(outputs["pfid_e2e"]["pool3"] - fid_io["pfid_e2e_f32_pool3"]).max() < 2e-3
+  assert np.abs(outputs["pfid_e2e"]["pool3"] - fid_io[neg]).max() > 0.5
 
 
 def test_logits_and_spatial_layout(outputs, state_dict):
@@ -95,9 +84,9 @@ def test_logits_and_spatial_layout(outputs, state_dict):
 
 
 @pytest.mark.parametrize("mode,prefix", [("adm", "tf1"), ("pytorch_fid", "pfid")])
-def test_preprocess_matches_fixture(io, mode, prefix):
-  x = np.asarray(jax.jit(preprocess, static_argnums=1)(io["images_uint8"], mode))
-  np.testing.assert_allclose(x, io[f"{prefix}_x299_nchw_f32"].transpose(0, 2, 3, 1), rtol=0, atol=2e-5)
+def test_preprocess_matches_fixture(fid_io, mode, prefix):
+  x = np.asarray(jax.jit(preprocess, static_argnums=1)(fid_io["images_uint8"], mode))
+  np.testing.assert_allclose(x, fid_io[f"{prefix}_x299_nchw_f32"].transpose(0, 2, 3, 1), rtol=0, atol=2e-5)
 
 
 def test_preprocess_identity_at_299():
@@ -124,21 +113,21 @@ def test_avg_pool_excludes_padding():
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_float64_network_is_exact(state_dict, io):
+def test_float64_network_is_exact(state_dict, fid_io):
   # In float64 (x64 on, one image) the port equals torch's float64 network to round-off: the architecture is exact.
   m64 = inc.state_dict_to_model(state_dict, compute_dtype=jnp.float64)
   with jax.enable_x64(True):
-    x = jnp.asarray(io["tf1_x299_nchw_f32"][:1].transpose(0, 2, 3, 1).astype(np.float64))
+    x = jnp.asarray(fid_io["tf1_x299_nchw_f32"][:1].transpose(0, 2, 3, 1).astype(np.float64))
     out = nnx.jit(lambda m, x: m(x))(m64, x)
     got = {k: np.asarray(v) for k, v in out.items()}
   for key, name in OUTPUTS.items():
     assert got[key].dtype == np.float64
-    np.testing.assert_allclose(got[key], io[f"tf1_net64_{name}"][:1], rtol=0, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(got[key], fid_io[f"tf1_net64_{name}"][:1], rtol=0, atol=1e-9, err_msg=key)
 
 
-def test_bfloat16_compute_is_close_but_not_identical(state_dict, outputs, io):
+def test_bfloat16_compute_is_close_but_not_identical(state_dict, outputs, fid_io):
   m16 = inc.state_dict_to_model(state_dict, compute_dtype=jnp.bfloat16)
-  x = jnp.asarray(io["pfid_x299_nchw_f32"][:2].transpose(0, 2, 3, 1))
+  x = jnp.asarray(fid_io["pfid_x299_nchw_f32"][:2].transpose(0, 2, 3, 1))
   got = np.asarray(nnx.jit(lambda m, x: m(x)["pool3"])(m16, x), np.float64)
   want = outputs["pfid_net"]["pool3"][:2]
   assert m16.Conv2d_1a_3x3.conv.kernel[...].dtype == jnp.float32  # params stay float32

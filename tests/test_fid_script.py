@@ -10,17 +10,6 @@ from var.eval import fid, reference
 from var.eval.metrics import inception_score
 
 
-@pytest.fixture(scope="module")
-def fid_dir(shared_dir):
-  return shared_dir / "fixtures" / "fid"
-
-
-@pytest.fixture(scope="module")
-def io(fid_dir):
-  with np.load(fid_dir / "inception_io.npz") as z:
-    return {k: z[k] for k in z.files}
-
-
 def _write_folder(folder, images):
   folder.mkdir()
   for i, img in enumerate(images):
@@ -28,11 +17,11 @@ def _write_folder(folder, images):
   return folder
 
 
-def test_script_end_to_end(tmp_path, io, fid_dir, capsys, monkeypatch):
-  images = io["images_uint8"]  # (4, 64, 64, 3)
+def test_script_end_to_end(tmp_path, fid_io, fid_dir, capsys, monkeypatch):
+  images = fid_io["images_uint8"]  # (4, 64, 64, 3)
   samples = _write_folder(tmp_path / "samples", images)
   # Reference: the same images in arr_0 (so P/R = 1) and statistics of the torch pytorch-fid-mode features.
-  ref_pool3, ref_spatial = io["pfid_e2e_f64_pool3"], io["pfid_e2e_f64_spatial_adm"]
+  ref_pool3, ref_spatial = fid_io["pfid_e2e_f64_pool3"], fid_io["pfid_e2e_f64_spatial_adm"]
   ref_stats = dict(mu=ref_pool3.mean(0), sigma=np.cov(ref_pool3, rowvar=False), mu_s=ref_spatial.mean(0),
                    sigma_s=np.cov(ref_spatial, rowvar=False))
   np.savez(tmp_path / "ref.npz", arr_0=images, **ref_stats)
@@ -57,7 +46,7 @@ def test_script_end_to_end(tmp_path, io, fid_dir, capsys, monkeypatch):
   assert len(lines) == 1 and json.loads(lines[0]) == result
 
   # The sample statistics must be those of the torch-fidelity (ADM-mode) float64 features of the same images.
-  pool3, spatial = io["tf1_e2e_f64_pool3"].astype(np.float64), io["tf1_e2e_f64_spatial_adm"]
+  pool3, spatial = fid_io["tf1_e2e_f64_pool3"].astype(np.float64), fid_io["tf1_e2e_f64_spatial_adm"]
   (mu, sigma, mu_r, sigma_r), (mu_s, sigma_s, mu_sr, sigma_sr) = fd_calls
   assert (result["fid"], result["sfid"]) == (1.0, 2.0)
   np.testing.assert_allclose(mu, pool3.mean(0), atol=1e-3)
@@ -66,7 +55,7 @@ def test_script_end_to_end(tmp_path, io, fid_dir, capsys, monkeypatch):
   np.testing.assert_allclose(sigma_s, np.cov(spatial, rowvar=False), atol=2e-3)
   for got, key in [(mu_r, "mu"), (sigma_r, "sigma"), (mu_sr, "mu_s"), (sigma_sr, "sigma_s")]:
     np.testing.assert_array_equal(got, ref_stats[key])  # stored reference stats are used as they are
-  want_is, _ = inception_score(io["tf1_e2e_f64_logits_unbiased"])
+  want_is, _ = inception_score(fid_io["tf1_e2e_f64_logits_unbiased"])
   assert result["inception_score"] == pytest.approx(want_is, rel=1e-4)
   assert (result["precision"], result["recall"]) == (1.0, 1.0)
   assert result["num_samples"] == 4 and result["num_ref_images"] == 4 and result["devices"] == 8
