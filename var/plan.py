@@ -21,10 +21,15 @@ never rewritten for them. Per scale `si` the loop does, in this order:
    cache with every layer's kept tokens first; the loop then tracks every layer's static valid length, writes the
    next scale's keys/values right after them and masks the unused slots.
 5. `select`: None keeps all candidates. A `SelectStep(kind, keep)` calls `hooks.select[kind](ctx, key)` after the
-   scale; it returns `keep` row indices and the loop gathers every per-candidate array (f_hat, next input,
-   tokens, labels, seeds, cache rows idx and B + idx of every model). TTS-VAR's descending batch is exactly this.
+   scale; it returns `keep` row indices, or `(indices, carry)` where `carry` is a pytree of per-candidate arrays
+   (leading axis = the current batch; e.g. a reward history) that the loop gathers with the rows and hands to the
+   next select as `ctx['carry']` (None before the first). The loop gathers every per-candidate array (f_hat, next
+   input, tokens, labels, seeds, cache rows idx and B + idx of every model). TTS-VAR's descending batch is
+   exactly this.
 6. `batch`: the number of candidates FORWARDED at this scale. It may only change right after a select step and
    must equal the previous step's `select.keep`.
+7. `temperature`: None uses `SamplingConfig.temperature`; a float overrides it at this scale (CoDe's per-scale
+   temperatures). Either way it divides the top-k/top-p-masked logits.
 
 `ScalePlan.plain(...)` is the official sampler: one model, full cache, no pruning, fixed batch, CFG on every
 scale (off everywhere for cfg == 0, which is numerically the same as the official always-on branch).
@@ -62,6 +67,7 @@ class ScaleStep:
   prune: PruneStep | None = None
   kv_capacity: tuple[int, ...] | None = None
   select: SelectStep | None = None
+  temperature: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +136,8 @@ class ScalePlan:
                            f"{depths[step.model]}-layer model")
         if hooks is None or hooks.compress_kv is None:
           raise ValueError(f"{where}: kv_capacity needs SamplerHooks.compress_kv (e.g. from a ScaleKV module)")
+      if step.temperature is not None and not step.temperature > 0:
+        raise ValueError(f"{where}: temperature {step.temperature} must be > 0 (or None for the sampler's)")
       if step.select is not None:
         if not 1 <= step.select.keep <= step.batch:
           raise ValueError(f"{where}: select keeps {step.select.keep} of {step.batch} candidates")

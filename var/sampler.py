@@ -53,8 +53,10 @@ class SamplingConfig:
 class SamplerHooks:
   """Data-dependent parts contributed by inference techniques (pure functions called inside the jitted loop).
 
-  select[kind](ctx, key) -> (keep,) int32 row indices; ctx is a dict with 'si', 'f_hat' (B, P, P, Cvae),
-    'tokens' (list of (B, pn^2)), 'labels' (B,), 'decode' (f_hat -> images in [0, 1]).
+  select[kind](ctx, key) -> (keep,) int32 row indices, or (indices, carry); ctx is a dict with 'si', 'f_hat'
+    (B, P, P, Cvae), 'tokens' (list of (B, pn^2)), 'labels' (B,), 'decode' (f_hat -> images (B, H, W, 3) in
+    [0, 1]) and 'carry' (the per-candidate pytree the previous select returned, gathered to the kept rows; None
+    before the first select).
   scale_forward(model, x, block_cond, cache, lens, si, step) -> (h (R, n, C), cache, lens): replaces the plain
     cached forward on steps with `prune` set.
   compress_kv(cache, lens, si, step) -> cache: compacts every layer l to step.kv_capacity[l] tokens (kept tokens
@@ -89,13 +91,14 @@ def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> j
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, ratio: float,
-                  codebook: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  codebook: jax.Array, temperature: float | None = None) -> tuple[jax.Array, jax.Array]:
   """logits (B, n, V) float32, keys (B,) per-sample -> (tokens (B, n) int32, h (B, n, Cvae) embeddings).
 
   more_smooth: the token is still drawn, but h = softmax((masked * (1 + ratio) + Gumbel) / tau) @ codebook with
   tau = max(0.27 (1 - 0.95 ratio), 0.005), the official visualisation trick."""
   masked = mask_top_k_top_p(logits, sampling.top_k, sampling.top_p)
-  scaled = masked / sampling.temperature if sampling.temperature != 1.0 else masked
+  temperature = sampling.temperature if temperature is None else temperature
+  scaled = masked / temperature if temperature != 1.0 else masked
 
   def one(key, row):  # row (n, V)
     k_tok, k_gumbel = jax.random.split(key)
@@ -205,6 +208,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
   base_keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
   edit_tokens = None if edit is None else _split_tokens(edit["tokens"], patch_nums)
   prev_model = None
+  select_carry = None  # per-candidate state a select hook hands to the next one (e.g. a reward history)
 
   for si, (step, pn) in enumerate(zip(plan.steps, patch_nums, strict=True)):
     beg, end = begin_ends[si]
@@ -245,7 +249,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
     if return_logits:
       logits_out.append(logits)
     keys = jax.vmap(lambda k, si=si: jax.random.fold_in(k, si))(base_keys)
-    idx, h_emb = sample_tokens(logits, keys, sampling, ratio, codebook)
+    idx, h_emb = sample_tokens(logits, keys, sampling, ratio, codebook, step.temperature)
     h_emb = h_emb.reshape(b, pn, pn, cvae)
     if edit is not None:
       keep = editing.scale_keep_mask(edit["mask"], pn)  # (B, pn, pn) bool
@@ -264,10 +268,13 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
 
     if step.select is not None:
       ctx = dict(si=si, f_hat=f_hat, tokens=list(tokens), labels=labels,
-                 decode=lambda fh: (vae.fhat_to_img(fh) + 1) / 2)
+                 decode=lambda fh: (vae.fhat_to_img(fh) + 1) / 2, carry=select_carry)
       # the selection key follows the first candidate's seed (selection is a batch-level decision)
-      keep_idx = hooks.select[step.select.kind](ctx, jax.random.fold_in(base_keys[0], 10_000 + si))
+      picked = hooks.select[step.select.kind](ctx, jax.random.fold_in(base_keys[0], 10_000 + si))
+      keep_idx, select_carry = picked if isinstance(picked, tuple) else (picked, None)
       keep_idx = keep_idx.astype(jnp.int32)
+      if select_carry is not None:
+        select_carry = _take_rows(select_carry, keep_idx)
       cfg_rows = step.cfg_on if si == s - 1 else plan[si + 1].cfg_on
       row_idx = jnp.concatenate([keep_idx, keep_idx + b]) if cfg_rows else keep_idx
       caches = {k: _cache_rows(c, row_idx) for k, c in caches.items()}
