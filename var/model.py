@@ -183,6 +183,10 @@ def drop_path(x: jax.Array, rate, rng: jax.Array | None) -> jax.Array:
 # A function that receives this call's keys and values (B, n, H, hd) and returns the keys and values to attend to:
 # identity for the teacher-forced forward, "write into the KV cache and read the cached prefix" in the sampler.
 KVFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# A function that observes one attention call (for KV-cache compression and its calibration): called with keyword
+# arrays q (B, n, H, hd) as attention uses them, q_raw (B, n, H, hd) = x W_q without bias / norm / temperature,
+# k, v (B, n_kv, H, hd) as attended to (after kv_fn), and the python float logit_scale (logits = q.k * scale).
+Probe = Callable[..., None]
 
 
 class SelfAttention(nnx.Module):
@@ -204,12 +208,14 @@ class SelfAttention(nnx.Module):
     self.proj = nnx.Linear(c, c, dtype=dt, kernel_init=_part(proj_std, ("heads", "embed")),
                            bias_init=_zeros(("embed",)), rngs=rngs)
 
-  def __call__(self, x: jax.Array, attn_bias: jax.Array | None = None, kv_fn: KVFn | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, attn_bias: jax.Array | None = None, kv_fn: KVFn | None = None,
+               probe: Probe | None = None) -> jax.Array:
     b, n, c = x.shape
     h, hd = self.num_heads, self.head_dim
     zero = jnp.zeros_like(self.q_bias[...])
     bias = jnp.concatenate([self.q_bias[...], zero, self.v_bias[...]]).astype(x.dtype)
-    qkv = (self.mat_qkv(x) + bias).reshape(b, n, 3, h, hd)
+    qkv_raw = self.mat_qkv(x)
+    qkv = (qkv_raw + bias).reshape(b, n, 3, h, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, n, H, hd)
     if self.l2_norm:
       scale_mul = jnp.exp(jnp.minimum(self.scale_mul_1H11[...], MAX_LOG_SCALE_MUL)).reshape(1, 1, h, 1)
@@ -220,6 +226,8 @@ class SelfAttention(nnx.Module):
       scale = 0.25 / math.sqrt(hd)  # official: 4x smaller than the usual 1/sqrt(hd)
     if kv_fn is not None:
       k, v = kv_fn(k, v)  # (B, n_kv, H, hd)
+    if probe is not None:
+      probe(q=q, q_raw=qkv_raw.reshape(b, n, 3, h, hd)[:, :, 0], k=k, v=v, logit_scale=scale)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if attn_bias is not None:
       logits = logits + attn_bias
@@ -277,13 +285,15 @@ class AdaLNSelfAttn(nnx.Module):
     return self.ada_lin(cond).reshape(-1, 6, self.width)
 
   def __call__(self, x: jax.Array, cond: jax.Array, *, attn_bias: jax.Array | None = None,
-               drop_rate=0.0, rng: jax.Array | None = None, kv_fn: KVFn | None = None) -> jax.Array:
-    """x (B, n, C); cond as in `modulation`; rng (per layer) enables drop path."""
+               drop_rate=0.0, rng: jax.Array | None = None, kv_fn: KVFn | None = None,
+               probe: Probe | None = None) -> jax.Array:
+    """x (B, n, C); cond as in `modulation`; rng (per layer) enables drop path; kv_fn / probe see
+    SelfAttention."""
     mod = self.modulation(cond)[:, None]  # (B, 1, 6, C)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, :, i] for i in range(6))
     rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
     h = layer_norm(x, self.eps) * (1 + scale1) + shift1
-    x = x + drop_path(self.attn(h, attn_bias, kv_fn) * gamma1, drop_rate, rng_attn)
+    x = x + drop_path(self.attn(h, attn_bias, kv_fn, probe) * gamma1, drop_rate, rng_attn)
     h = layer_norm(x, self.eps) * (1 + scale2) + shift2
     x = x + drop_path(self.ffn(h) * gamma2, drop_rate, rng_ffn)
     return x
