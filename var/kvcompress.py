@@ -19,6 +19,18 @@ length after scale si's attention: (1, 5, 14, 30, 55, 91, 155, 255, 424, 680) fo
 reads as its history. Compression happens after scale si when si < S - 1 (never after the last scale: nothing reads
 that cache) and cum[si] exceeds the budget (otherwise the whole cache already fits).
 
+Calibration defaults
+--------------------
+* delta (refiner decay per compressed scale) = 70 * cum[S-2] / 6425 tokens (4.6 for the 256px schedule): the
+  paper swept delta from 0 to 70 for Infinity's 6425-token re-read prefix and FID improved monotonically up to 70;
+  budgets scale with the prefix, so the same relative decay is used.
+* drafter_fraction = 1/16 of the (layer, compressed scale) pairs: Infinity-2B's released 10% table has 2 of 32
+  layers as drafters (9 of 160 pairs, 5.6%), Infinity-8B 3 of 40 (7.5%).
+* k_prime = 32 (the spec's suggestion; the paper gives no value); asi = "product".
+* calibration samples: 10 classes spread over the label range, one sample each (the paper used 10 prompts and saw
+  the same FID with 1 to 128), sampled with the official FID setting (cfg 1.5, top_k 900, top_p 0.96); both the
+  conditional and the unconditional rows are measured, since the sampler compresses both.
+
 Budget JSON (format "var-jax-scalekv-budgets", version 1)
 --------------------------------------------------------
 ::
@@ -481,7 +493,8 @@ def attention_stats_fn(model, k_prime: int):
   S, 3) float32: per layer, row and scale k the means over heads and current-map queries of [mass on the current
   map C_k, sum of the K' largest history weights, history mass] of the softmax attention over all keys (scale 0:
   zeros; it has no history). The blocks run one layer at a time (lax.scan) and the probe hands each layer's
-  queries and keys to the statistics, so no (L, L) map leaves the device."""
+  queries and keys to the statistics, so no attention map leaves the device. Peak memory: one layer's
+  (R, H, n_last, L) float32 map (the batch size bounds it)."""
   from flax import nnx
 
   from var.model import block_causal_bias
@@ -492,11 +505,12 @@ def attention_stats_fn(model, k_prime: int):
   graphdef, state = nnx.split(model)
 
   def stats(q, k, scale):  # q, k (R, L, H, hd) -> (R, S, 3)
-    logits = jnp.einsum("rqhd,rkhd->rhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale + bias
-    attn = jax.nn.softmax(logits, axis=-1)  # (R, H, L, L)
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     out = [jnp.zeros((q.shape[0], 3))]
     for beg, end in begin_ends[1:]:
-      rows = attn[:, :, beg:end]  # (R, H, n, L): this scale's queries
+      # block-causal: scale k's queries see exactly the keys [0, end); one (n, end) map per scale, never (L, L)
+      logits = jnp.einsum("rqhd,rkhd->rhqk", q[:, beg:end], k[:, :end]) * scale
+      rows = jax.nn.softmax(logits, axis=-1)  # (R, H, n, end)
       hist = rows[..., :beg]
       top = jax.lax.top_k(hist, min(k_prime, beg))[0].sum(-1)
       per_query = jnp.stack([rows[..., beg:end].sum(-1), top, hist.sum(-1)], -1)  # (R, H, n, 3)
