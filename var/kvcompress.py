@@ -148,10 +148,14 @@ def select_kv(q, k, v, cap: int, positions: np.ndarray, query_rows: np.ndarray, 
     raise ValueError(f"kernel {kernel} must be an odd positive int (same-length pooling), e.g. 5")
   if positions.size and (positions.min() < 0 or positions.max() >= t or len(set(positions.tolist())) != nw):
     raise ValueError(f"window positions {positions.tolist()} must be distinct indices into the cache of {t}")
+  if query_rows.size and (query_rows.min() < 0 or query_rows.max() >= q.shape[1]):
+    raise ValueError(f"query rows {query_rows.tolist()} must index this scale's {q.shape[1]} queries")
   if cap == t:
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None], (r, t, heads))
     return k, v, idx
 
+  is_window = np.zeros(t, bool)
+  is_window[positions] = True
   k32 = k.astype(jnp.float32)
   if scorer == "paper":
     qw = q[:, query_rows].astype(jnp.float32)  # (R, Wq, H, hd)
@@ -162,15 +166,11 @@ def select_kv(q, k, v, cap: int, positions: np.ndarray, query_rows: np.ndarray, 
       raise ValueError("scorer 'reference' scores with the raw queries: pass q_raw (the probe's q_raw)")
     qw = q_raw[:, query_rows].astype(jnp.float32)
     score = jnp.einsum("rqhd,rthd->rht", qw, k32) / math.sqrt(hd)  # summed over the window queries
-    window = np.zeros(t, bool)
-    window[positions] = True
-    score = jnp.where(window, -jnp.inf, score)
+    score = jnp.where(is_window, -jnp.inf, score)
   score = _pool(score, pooling, kernel)  # (R, H, T)
 
   # The window is added back explicitly, so it never competes; non-window -inf scores (only possible with
   # 'reference' + 'avg') become the lowest finite value so that top_k can never pick a window position twice.
-  is_window = np.zeros(t, bool)
-  is_window[positions] = True
   score = jnp.where(score == -jnp.inf, jnp.finfo(jnp.float32).min, score)
   score = jnp.where(is_window, -jnp.inf, score)
   _, top = jax.lax.top_k(score, cap - nw)  # (R, H, cap - W)
@@ -253,7 +253,7 @@ def budget_tokens(patch_nums: Sequence[int], budget) -> int:
   if len(cum) < 2:
     raise ValueError(f"patch_nums {tuple(patch_nums)} has a single scale: nothing is ever re-read from the cache")
   full = cum[-2]
-  # 1e-9: 0.1 * 430 is 43.000000000000004 in floats, which must not round up to 44
+  # 1e-9: 0.07 * 100 is 7.000000000000001 in floats, which must not round up to 8
   tokens = b.tokens if b.tokens is not None else math.ceil(b.fraction * full - 1e-9)
   if tokens < WINDOW_SIZE:
     raise ValueError(f"budget {b.spec!r} = {tokens} tokens is below the observation window of {WINDOW_SIZE} tokens; "
