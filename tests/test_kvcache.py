@@ -90,6 +90,8 @@ def test_compressed_cache_logits_match_masked_reference(six):
                                (2, 3, (1, 3, 43, heads, hd), "float32")]
   assert layout[2]["main"] == [(0, 3, (3, 3, 14, heads, hd), "float32")] and layout[5] == {}
   assert s.kv_bytes_per_scale(3)[3] == 2 * 4 * 3 * heads * hd * (20 + 30 + 18)
+  held = sampler_lib.planned_held_lengths(plan, PN6, 3)
+  assert held[4] == caps3 and held[5] == caps4 and held[3] == (14, 14, 14)
   # kept positions -> global token positions, per (layer, row, head)
   cum = [0, 1, 5, 14, 30, 55, 91]
   idx3, idx4 = out["kv_index"][3], out["kv_index"][4]
@@ -259,3 +261,29 @@ def test_plan_build_errors(six):
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):
       plan_lib.build(cfg, 4, **kwargs)
+
+
+def test_scalekv_fastvar_cfg_editing_bf16_on_the_mesh(six):
+  """Everything at once: a token budget and pruning at scale 4 (pruned layers append 13 tokens, then compress with
+  their pivotal tokens as the window), CFG and editing; float32 on 8 devices == 1 device, and bfloat16 activations
+  with a bfloat16 cache (whose rounding may move a few tokens) keep the edited positions and most tokens."""
+  from benchmarks.bench_sample import with_dtype
+  from var import editing, sharding
+
+  var, vae = six
+  plan = plan_lib.build(var.config, 8, cfg=1.5, kv_budget=20, prune={4: 0.5}, prune_layers="1:3")
+  assert plan[4].prune == PruneStep(keep=13, first=1, last=3, cache_scale=3) and plan[4].kv_capacity == (20,) * 3
+  img = jax.random.uniform(jax.random.key(0), (8, 24, 24, 3), minval=-1, maxval=1)
+  edit = editing.edit_inputs(vae, img, editing.outpaint_mask(6, (0.0, 0.0, 0.5, 0.5)))
+  sampling = sampler_lib.SamplingConfig(cfg=1.5, top_k=8)
+  labels, seeds = np.arange(8) % 11, np.arange(8)
+  out1 = sampler_lib.Sampler(var, vae, sampling, plan=plan)(labels, seeds, edit)
+  out8 = sampler_lib.Sampler(var, vae, sampling, plan=plan, mesh=sharding.make_mesh((4, 2, 1)))(labels, seeds, edit)
+  np.testing.assert_array_equal(out8["tokens"], out1["tokens"])
+  half = sampler_lib.Sampler(with_dtype(var, "bfloat16"), vae, sampling, plan=plan, kv_dtype="bfloat16")
+  out16 = half(labels, seeds, edit)
+  assert half.kv_layouts[8][4]["main"] == [(0, 3, (3, 16, 20, 4, 16), "bfloat16")]
+  tokens, gt = np.asarray(out16["tokens"]), np.asarray(edit["tokens"])
+  keep = np.asarray(editing.scale_keep_mask(edit["mask"], 6)).reshape(8, -1)
+  np.testing.assert_array_equal(tokens[:, 55:][keep], gt[:, 55:][keep])
+  assert (tokens[:, :30] == np.asarray(out1["tokens"])[:, :30]).mean() > 0.9

@@ -315,6 +315,27 @@ class _LayerRun:
     return h, ys
 
 
+def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth: int) -> list[tuple[int, ...]]:
+  """Per scale, the tokens every layer of the scale's model holds BEFORE it (what `forward_scale` finds), from
+  the plan alone. A model switch starts from an empty cache (its prefill covers every earlier token)."""
+  out, held, prev = [], (0,) * depth, None
+  ends = np.cumsum([p * p for p in patch_nums])
+  for si, step in enumerate(plan.steps):
+    n = patch_nums[si] ** 2
+    if step.model != prev and si > 0:
+      held, n = (0,) * depth, int(ends[si])
+    out.append(held)
+    prev = step.model
+    if step.skip:
+      continue
+    p = step.prune
+    total = [h + (p.keep if p is not None and p.first <= layer < p.last else n) for layer, h in enumerate(held)]
+    if step.kv_capacity is not None:
+      total = [min(t, c) for t, c in zip(total, step.kv_capacity, strict=True)]
+    held = tuple(total)
+  return out
+
+
 def _merge_runs(runs: list[CacheRun]) -> tuple[CacheRun, ...]:
   """Adjacent runs of equal length become one (fewer scans at the next scale)."""
   out: list[CacheRun] = []
