@@ -139,12 +139,16 @@ def scale_seconds(var, plan: plan_lib.ScalePlan, si: int, rows: int, kv_dtype, i
 
 
 def run_plan(var, vae, plan, kv_dtype, sampling, labels, seeds, iters: int) -> dict:
+  """Compiles the plan's sampler (iters = 0: only that) and times `iters` runs after a first one."""
   s = sampler_lib.Sampler(var, vae, sampling, plan=plan, kv_dtype=kv_dtype)
   b = labels.shape[0]
   t0 = time.perf_counter()
   s.compile(b)
   compile_s = time.perf_counter() - t0
   compiled = s._compiled[(b, False)]
+  if iters == 0:
+    return dict(out=None, seconds=None, compile_s=compile_s, memory=memory_stats(compiled),
+                kv_bytes=s.kv_bytes_per_scale(b))
   out = jax.block_until_ready(s(labels, seeds))
   times = []
   for _ in range(iters):
@@ -160,31 +164,35 @@ def speed_setting(args, device: str) -> None:
   print(json.dumps({"bench": "matmul_peak", "device": device, "gflop_per_s": round(peak / 1e9, 2)}), flush=True)
   with nnx.use_eager_sharding(False):
     vae = VQVAE(VQVAEConfig(), rngs=nnx.Rngs(1))
+  compile_only = set(filter(None, args.compile_only_models.split(",")))
   for name in args.models.split(","):
     cfg = var_model.preset(name)
+    iters = 0 if name in compile_only else args.iters
     var = jit_build(lambda cfg=cfg: var_model.VAR(cfg, rngs=nnx.Rngs(0)))  # random weights
     labels = (np.arange(args.batch) * 97) % cfg.num_classes
     seeds = np.arange(args.batch) + 100
     base, base_scales = None, {}
     for plan_name in args.plans.split(","):
       plan, kv_dtype = parse_plan(plan_name, cfg, args.batch, SPEED_SAMPLING.cfg)
-      r = run_plan(var, vae, plan, kv_dtype, SPEED_SAMPLING, labels, seeds, args.iters)
+      r = run_plan(var, vae, plan, kv_dtype, SPEED_SAMPLING, labels, seeds, iters)
       rec = {"bench": "technique_speed", "device": device, "model": name, "batch": args.batch, "plan": plan_name,
-             "images_per_s": round(args.batch / r["seconds"], 4), "s_per_batch": round(r["seconds"], 3),
              "compile_s": round(r["compile_s"], 2), **r["memory"], "kv_bytes_per_scale": r["kv_bytes"]}
+      if iters:
+        rec.update(images_per_s=round(args.batch / r["seconds"], 4), s_per_batch=round(r["seconds"], 3))
       longest = len(cfg.patch_nums) - 2  # the cache the last scale re-reads
       if base is None:
         base = r
       else:
-        rec["images_per_s_vs_plain"] = round(base["seconds"] / r["seconds"], 3)
         rec["kv_bytes_vs_plain_longest_prefix"] = round(r["kv_bytes"][longest] / base["kv_bytes"][longest], 4)
         if "peak_bytes" in base["memory"]:
           rec["peak_bytes_vs_plain"] = round(r["memory"]["peak_bytes"] / base["memory"]["peak_bytes"], 4)
-        rec["token_agreement"] = token_agreement(r["out"]["tokens"], base["out"]["tokens"], cfg.patch_nums)
-        rec["psnr_vs_plain"] = psnr(r["out"]["images"], base["out"]["images"])
+        if iters:
+          rec["images_per_s_vs_plain"] = round(base["seconds"] / r["seconds"], 3)
+          rec["token_agreement"] = token_agreement(r["out"]["tokens"], base["out"]["tokens"], cfg.patch_nums)
+          rec["psnr_vs_plain"] = psnr(r["out"]["images"], base["out"]["images"])
       rows = 2 * args.batch
       pruned = [si for si, st in enumerate(plan.steps) if st.prune is not None or st.skip]
-      if pruned:
+      if pruned and iters:
         plain_plan = plan_lib.build(cfg, args.batch, cfg=SPEED_SAMPLING.cfg)
         times = {}
         for si in pruned:
@@ -238,6 +246,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--plans", default="plain,kv=10%,prune=default,kv=10%+prune=default")
   p.add_argument("--iters", type=int, default=1)
+  p.add_argument("--compile_only_models", default="", help="models only compiled (memory analysis, KV bytes), not "
+                 "timed, e.g. d30 on a small machine")
   p.add_argument("--eval_workdir", default="workdir/eval_model")
   p.add_argument("--num_per_class", type=int, default=50)
   p.add_argument("--quality_cfg", type=float, default=1.5)
