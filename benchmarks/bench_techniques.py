@@ -106,7 +106,7 @@ def scale_seconds(var, plan: plan_lib.ScalePlan, si: int, rows: int, kv_dtype, i
   for start, stop in sampler_lib._runs(held):
     shape = (stop - start, rows, held[start], cfg.num_heads, cfg.head_dim)
     runs.append(sampler_lib.CacheRun(jax.random.normal(key, shape, dtype), jax.random.normal(key, shape, dtype),
-                                     start, stop))
+                                     start, stop, tuple(held[start:stop])))
   restore = None
   if step.prune is not None:
     n_src = cfg.patch_nums[step.prune.cache_scale] ** 2
@@ -116,7 +116,8 @@ def scale_seconds(var, plan: plan_lib.ScalePlan, si: int, rows: int, kv_dtype, i
   pn = cfg.patch_nums[si]
   nxt = plan[si + 1] if si + 1 < len(plan) else None
   spec = sampler_lib.ScaleForward(n=pn * pn, side=pn, prune=step.prune, capacity=step.kv_capacity,
-                                  emit=nxt is not None and not nxt.skip)
+                                  emit=nxt is not None and not nxt.skip,
+                                  sizes=sampler_lib.planned_buffer_sizes(plan, cfg.patch_nums, cfg.depth)[si])
   graphdef, params = nnx.split(var)
 
   def run(params, x, cond, state):

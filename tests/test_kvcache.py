@@ -83,13 +83,15 @@ def test_compressed_cache_logits_match_masked_reference(six):
   out = s(labels, np.arange(3))
   heads, hd = var.config.num_heads, var.config.head_dim
   # the cache really has these shapes: one run per distinct length, every array exactly its length
+  # (layer 2 keeps its 18 tokens in a buffer of 43: scale 4 writes its 25 new ones in place)
   layout = s.kv_layouts[3]
   assert layout[3]["main"] == [(0, 1, (1, 3, 20, heads, hd), "float32"), (1, 2, (1, 3, 30, heads, hd), "float32"),
-                               (2, 3, (1, 3, 18, heads, hd), "float32")]
+                               (2, 3, (1, 3, 43, heads, hd), "float32")]
   assert layout[4]["main"] == [(0, 1, (1, 3, 30, heads, hd), "float32"), (1, 2, (1, 3, 20, heads, hd), "float32"),
                                (2, 3, (1, 3, 43, heads, hd), "float32")]
-  assert layout[2]["main"] == [(0, 3, (3, 3, 14, heads, hd), "float32")] and layout[5] == {}
-  assert s.kv_bytes_per_scale(3)[3] == 2 * 4 * 3 * heads * hd * (20 + 30 + 18)
+  # before any compression one buffer holds every layer, sized for layer 1 (in place up to scale 3: 30 tokens)
+  assert layout[2]["main"] == [(0, 3, (3, 3, 30, heads, hd), "float32")] and layout[5] == {}
+  assert s.kv_bytes_per_scale(3)[3] == 2 * 4 * 3 * heads * hd * (20 + 30 + 43)
   held = sampler_lib.planned_held_lengths(plan, PN6, 3)
   assert held[4] == caps3 and held[5] == caps4 and held[3] == (14, 14, 14)
   # kept positions -> global token positions, per (layer, row, head)
@@ -147,7 +149,7 @@ def test_uniform_budget_with_cfg_bf16_cache_and_mesh(six):
   b_comp, b_full = one.kv_bytes_per_scale(8), full.kv_bytes_per_scale(8)
   heads, hd = var.config.num_heads, var.config.head_dim
   assert b_comp[4] == 2 * 2 * 16 * heads * hd * 3 * 20  # bf16, 16 rows, 3 layers, 20 tokens
-  assert b_full[4] == 2 * 4 * 16 * heads * hd * 3 * 55
+  assert b_full[4] == 2 * 4 * 16 * heads * hd * 3 * 55  # one buffer of the longest re-read prefix (55 tokens)
 
 
 def test_prune_keep_all_equals_plain(t1):
@@ -282,7 +284,9 @@ def test_scalekv_fastvar_cfg_editing_bf16_on_the_mesh(six):
   np.testing.assert_array_equal(out8["tokens"], out1["tokens"])
   half = sampler_lib.Sampler(with_dtype(var, "bfloat16"), vae, sampling, plan=plan, kv_dtype="bfloat16")
   out16 = half(labels, seeds, edit)
-  assert half.kv_layouts[8][4]["main"] == [(0, 3, (3, 16, 20, 4, 16), "bfloat16")]
+  # after scale 4 every layer holds 20 bf16 tokens (layer 0 unpruned, layers 1-2 pruned: two runs)
+  assert half.kv_layouts[8][4]["main"] == [(0, 1, (1, 16, 20, 4, 16), "bfloat16"),
+                                           (1, 3, (2, 16, 20, 4, 16), "bfloat16")]
   tokens, gt = np.asarray(out16["tokens"]), np.asarray(edit["tokens"])
   keep = np.asarray(editing.scale_keep_mask(edit["mask"], 6)).reshape(8, -1)
   np.testing.assert_array_equal(tokens[:, 55:][keep], gt[:, 55:][keep])

@@ -123,15 +123,17 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, 
 
 @struct.dataclass
 class CacheRun:
-  """The cached keys/values of the layers [start, stop) of one model, every layer holding the same number of
-  tokens T: k, v (stop - start, R, T, H, hd). R = rows (2B with CFG: cond rows, then uncond rows)."""
+  """The cached keys/values of the layers [start, stop) of one model: k, v (stop - start, R, size, H, hd), layer
+  i's valid tokens in [0, lengths[i]). R = rows (2B with CFG: cond rows, then uncond rows). `size` is planned
+  (`planned_buffer_sizes`): the longest the layers grow while they are written in place, scale after scale."""
   k: jax.Array
   v: jax.Array
   start: int = struct.field(pytree_node=False)
   stop: int = struct.field(pytree_node=False)
+  lengths: tuple[int, ...] = struct.field(pytree_node=False)
 
   @property
-  def length(self) -> int:
+  def size(self) -> int:
     return self.k.shape[2]
 
 
@@ -148,10 +150,7 @@ def held_lengths(state: ModelState, depth: int) -> tuple[int, ...]:
   """Tokens every layer holds before the next scale."""
   if state.runs is None:
     return (0,) * depth
-  out = []
-  for run in state.runs:
-    out += [run.length] * (run.stop - run.start)
-  return tuple(out)
+  return tuple(n for run in state.runs for n in run.lengths)
 
 
 def kv_layout(state: ModelState) -> list[tuple[int, int, tuple[int, ...], str]]:
@@ -162,20 +161,6 @@ def kv_layout(state: ModelState) -> list[tuple[int, int, tuple[int, ...], str]]:
 def kv_bytes(state: ModelState) -> int:
   """Bytes of the keys and values the cache holds."""
   return sum(2 * r.k.size * r.k.dtype.itemsize for r in (state.runs or ()))
-
-
-def _layers_of(runs: tuple[CacheRun, ...], start: int, stop: int) -> tuple[jax.Array, jax.Array]:
-  """k, v of the layers [start, stop) (they have one length), slicing / joining the runs that hold them."""
-  ks, vs = [], []
-  for r in runs:
-    lo, hi = max(start, r.start), min(stop, r.stop)
-    if lo < hi:
-      whole = (lo, hi) == (r.start, r.stop)
-      ks.append(r.k if whole else r.k[lo - r.start:hi - r.start])
-      vs.append(r.v if whole else r.v[lo - r.start:hi - r.start])
-  if len(ks) == 1:
-    return ks[0], vs[0]
-  return jnp.concatenate(ks), jnp.concatenate(vs)
 
 
 def _runs(keys: Sequence) -> list[tuple[int, int]]:
@@ -195,14 +180,20 @@ class ScaleForward:
   n: tokens of the scale (pn^2; x may be longer for a model's prefill: the scale's tokens are x's last n);
   side: pn; emit: keep a cache for the next scale; prune: the PruneStep or None; capacity: per-layer tokens kept
   after the scale (None = all); record: (first, last) layers whose branch outputs are recorded (FastVAR cache
-  scale) or None; cache_side: the cache scale's pn (pruned scales)."""
+  scale) or None; sizes: per layer, the size of a cache buffer made at this scale (`planned_buffer_sizes`)."""
   n: int
   side: int
   emit: bool
   prune: Any = None
   capacity: tuple[int, ...] | None = None
   record: tuple[int, int] | None = None
-  cache_side: int = 0
+  sizes: tuple[int, ...] | None = None
+
+
+# How a layer's cache changes at a scale: written in place into its buffer (which has room), into a new zero
+# buffer (nothing cached yet), cut to its capacity (a new array), grown into a new array (no room left), or only
+# read (no later scale of this model reads it).
+_INPLACE, _FRESH, _COMPRESS, _GROW, _READ = "inplace", "fresh", "compress", "grow", "read"
 
 
 def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelState, spec: ScaleForward, *,
@@ -210,24 +201,37 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
                   kv_index: list | None = None) -> tuple[jax.Array, ModelState]:
   """Runs all blocks on x (R, m, C) over the model's cache -> (h (R, m, C), the state for the next scale).
 
-  Layers are grouped into runs of equal (cached length, pruned or not, capacity after the scale, recorded or
-  not); each run is one `lax.scan` over its own stacked cache, the layer's weights indexed inside the body, so
-  compile time does not grow with depth. A layer attends over [its cached tokens ; this call's tokens] and no
-  more; with a capacity it keeps that many of them (ScaleKV) right after its attention; a pruned layer forwards
+  Layers are grouped into runs of equal (cached length, pruned or not, capacity, recorded or not, cache buffer,
+  what happens to it); each run is one `lax.scan` over its layers (weights indexed inside the body, so compile
+  time does not grow with depth) carrying its cache buffer. A layer attends over [its cached tokens ; this call's
+  tokens] and no more; a layer that keeps everything writes its new keys/values in place (the plain plan holds
+  one buffer for the whole loop, like a preallocated cache, sized to what is re-read); with a capacity the layer
+  keeps that many tokens (ScaleKV) right after its attention, in an array of that size; a pruned layer forwards
   and appends only the kept tokens (FastVAR)."""
   graphdef, params = nnx.split(model.blocks)
   depth, dtype = model.config.depth, model.config.compute_dtype
+  runs = state.runs or ()
   held = held_lengths(state, depth)
+  owner = [next((i for i, r in enumerate(runs) if r.start <= layer < r.stop), -1) for layer in range(depth)]
   m = x.shape[1]
   prune = spec.prune
   pruned = [prune is not None and prune.first <= layer < prune.last for layer in range(depth)]
-  caps = []
+  modes, caps = [], []
   for layer in range(depth):
     total = held[layer] + (prune.keep if pruned[layer] else m)
     cap = spec.capacity[layer] if spec.capacity is not None else None
-    caps.append(cap if spec.emit and cap is not None and cap < total else None)
+    cap = cap if spec.emit and cap is not None and cap < total else None
+    caps.append(cap)
+    if not spec.emit:
+      modes.append(_READ)
+    elif cap is not None:
+      modes.append(_COMPRESS)
+    elif owner[layer] < 0:
+      modes.append(_FRESH)
+    else:
+      modes.append(_INPLACE if runs[owner[layer]].size >= total else _GROW)
   rec = [spec.record is not None and spec.record[0] <= layer < spec.record[1] for layer in range(depth)]
-  keys = list(zip(held, pruned, caps, rec, strict=True))
+  keys = list(zip(held, pruned, caps, rec, modes, owner, strict=True))
   compress = hooks.compress_kv
   if compress is None and any(c is not None for c in caps):
     compress = functools.partial(kvcompress.select_kv, scorer=kv_options.scorer, pooling=kv_options.pooling,
@@ -235,10 +239,20 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
   prune_fn = hooks.pruned_block or pruning.pruned_block
 
   h = x.astype(dtype)
+  buffers = {i: (r.k, r.v) for i, r in enumerate(runs)}  # the buffers of `runs`, updated in place run by run
+  lengths = list(held)
   new_runs, recorded = [], {"attn": [], "ffn": []}
   for start, stop in _runs(keys):
-    held_t, is_pruned, cap, is_rec = keys[start]
-    k_old, v_old = _layers_of(state.runs, start, stop) if held_t else (None, None)
+    held_t, is_pruned, cap, is_rec, mode, own, = keys[start]
+    appended = prune.keep if is_pruned else m
+    if mode == _FRESH:
+      size = max(spec.sizes[start:stop])
+      shape = (stop - start, x.shape[0], size, model.config.num_heads, model.config.head_dim)
+      buf, offset = (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)), start
+    elif own >= 0:
+      buf, offset = buffers[own], runs[own].start
+    else:
+      buf, offset = None, start
     restore, window = None, None
     if is_pruned:
       restore = jax.tree.map(lambda a, lo=start - prune.first, hi=stop - prune.first: a[lo:hi], state.restore)
@@ -250,17 +264,37 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
         positions, query_rows = kvcompress.window_positions(spec.side, spec.side, held_t + m - spec.n)
         window = (positions, query_rows + (m - spec.n))
     run = _LayerRun(graphdef=graphdef, params=params, spec=spec, pruned=is_pruned, capacity=cap, record=is_rec,
-                    window=window, compress=compress, prune_fn=prune_fn, kv_dtype=kv_dtype)
-    h, ys = jax.lax.scan(functools.partial(run.body, block_cond=block_cond, attn_bias=attn_bias, m=m), h,
-                         (jnp.arange(start, stop), k_old, v_old, restore))
-    if spec.emit:
-      new_runs.append(CacheRun(ys["k"], ys["v"], start, stop))
+                    window=window, compress=compress, prune_fn=prune_fn, kv_dtype=kv_dtype, mode=mode, held=held_t,
+                    offset=offset)
+    (h, buf), ys = jax.lax.scan(functools.partial(run.body, block_cond=block_cond, attn_bias=attn_bias, m=m),
+                                (h, buf), (jnp.arange(start, stop), restore))
+    if mode == _FRESH:
+      new_runs.append(CacheRun(*buf, start, stop, (held_t + appended,) * (stop - start)))
+    elif mode == _INPLACE:
+      buffers[own] = buf
+      lengths[start:stop] = [held_t + appended] * (stop - start)
+    elif mode in (_COMPRESS, _GROW):
+      length = cap if mode == _COMPRESS else held_t + appended
+      size = max(length, max(spec.sizes[start:stop]))
+      k, v = (jnp.pad(a, ((0, 0), (0, 0), (0, size - length), (0, 0), (0, 0))) if size > length else a
+              for a in (ys["k"], ys["v"]))
+      new_runs.append(CacheRun(k, v, start, stop, (length,) * (stop - start)))
     if kv_index is not None and "index" in ys:
       kv_index.append((start, stop, ys["index"]))
     if is_rec:
       recorded["attn"].append(ys["attn"])
       recorded["ffn"].append(ys["ffn"])
-  new_state = ModelState(runs=_merge_runs(new_runs) if spec.emit else None, restore=state.restore)
+  if spec.emit:
+    for i, r in enumerate(runs):  # what stays in the old buffers: the layers written in place
+      stay = [modes[layer] == _INPLACE for layer in range(r.start, r.stop)]
+      for lo, hi in _runs(stay):
+        if stay[lo]:
+          k, v = buffers[i]
+          if (lo, hi) != (0, r.stop - r.start):  # some layers moved out: keep only the others' rows
+            k, v = k[lo:hi], v[lo:hi]
+          new_runs.append(CacheRun(k, v, r.start + lo, r.start + hi, tuple(lengths[r.start + lo:r.start + hi])))
+  new_state = ModelState(runs=tuple(sorted(new_runs, key=lambda r: r.start)) if spec.emit else None,
+                         restore=state.restore)
   if spec.record is not None:
     new_state = new_state.replace(restore={k: jnp.concatenate(v) for k, v in recorded.items()})
   return h, new_state
@@ -268,7 +302,8 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
 
 @dataclasses.dataclass(frozen=True)
 class _LayerRun:
-  """One run of layers inside `forward_scale`: `body` is the lax.scan body over its layers."""
+  """One run of layers inside `forward_scale`: `body` is the lax.scan body over its layers, carrying (h, the
+  run's cache buffer)."""
   graphdef: Any
   params: Any
   spec: ScaleForward
@@ -279,19 +314,29 @@ class _LayerRun:
   compress: Callable | None
   prune_fn: Callable
   kv_dtype: Any
+  mode: str
+  held: int  # cached tokens of every layer of the run
+  offset: int  # the first layer of the carried buffer
 
-  def body(self, h, xs, *, block_cond, attn_bias, m):
-    layer, k_old, v_old, restore = xs  # k_old, v_old (R, T, H, hd) or None; restore {'attn', 'ffn'} or None
+  def body(self, carry, xs, *, block_cond, attn_bias, m):
+    h, buf = carry  # buf: (k, v) (layers, R, size, H, hd) or None
+    layer, restore = xs  # restore: this layer's recorded {'attn', 'ffn'} (R, n*, C) on pruned runs
     block = nnx.merge(self.graphdef, jax.tree.map(lambda a: a[layer], self.params))
     mod = block.modulation(block_cond)[:, None]  # (R, 1, 6, C)
+    li = layer - self.offset
     box = {}
 
     def kv_fn(k, v):  # this call's keys/values (R, n', H, hd) -> what the layer attends over
-      if k_old is not None:
-        k = jnp.concatenate([k_old.astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([v_old.astype(v.dtype), v], axis=1)
-      box["k"], box["v"] = k, v
-      return k, v
+      if self.held:
+        size = (1, k.shape[0], self.held) + k.shape[2:]
+        k_old = jax.lax.dynamic_slice(buf[0], (li, 0, 0, 0, 0), size)[0]
+        v_old = jax.lax.dynamic_slice(buf[1], (li, 0, 0, 0, 0), size)[0]
+        box["k"] = jnp.concatenate([k_old.astype(k.dtype), k], axis=1)
+        box["v"] = jnp.concatenate([v_old.astype(v.dtype), v], axis=1)
+      else:
+        box["k"], box["v"] = k, v
+      box["k_new"], box["v_new"] = k, v
+      return box["k"], box["v"]
 
     probe = (lambda **kw: box.update(kw)) if self.capacity is not None else None
     ys, spec = {}, self.spec
@@ -305,25 +350,31 @@ class _LayerRun:
       h = h + ffn
       if self.record:
         ys["attn"], ys["ffn"] = attn[:, m - spec.n:], ffn[:, m - spec.n:]
-    if spec.emit:
-      k, v = box["k"], box["v"]
-      if self.capacity is not None:
-        positions, query_rows = self.window
-        k, v, ys["index"] = self.compress(box["q"], k, v, self.capacity, positions, query_rows,
-                                          logit_scale=box["logit_scale"], q_raw=box["q_raw"])
+    if self.mode in (_INPLACE, _FRESH):
+      at = (li, 0, self.held, 0, 0)
+      buf = tuple(jax.lax.dynamic_update_slice(b, a[None].astype(b.dtype), at)
+                  for b, a in zip(buf, (box["k_new"], box["v_new"]), strict=True))
+    elif self.mode == _COMPRESS:
+      positions, query_rows = self.window
+      k, v, ys["index"] = self.compress(box["q"], box["k"], box["v"], self.capacity, positions, query_rows,
+                                        logit_scale=box["logit_scale"], q_raw=box["q_raw"])
       ys["k"], ys["v"] = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
-    return h, ys
+    elif self.mode == _GROW:
+      ys["k"], ys["v"] = box["k"].astype(self.kv_dtype), box["v"].astype(self.kv_dtype)
+    return (h, buf), ys
 
 
-def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth: int) -> list[tuple[int, ...]]:
+def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth) -> list[tuple[int, ...]]:
   """Per scale, the tokens every layer of the scale's model holds BEFORE it (what `forward_scale` finds), from
-  the plan alone. A model switch starts from an empty cache (its prefill covers every earlier token)."""
-  out, held, prev = [], (0,) * depth, None
+  the plan alone. depth: an int, or {model name: depth}. A model switch starts from an empty cache (its prefill
+  covers every earlier token)."""
+  depths = depth if isinstance(depth, Mapping) else {name: depth for name in plan.models}
+  out, held, prev = [], None, None
   ends = np.cumsum([p * p for p in patch_nums])
   for si, step in enumerate(plan.steps):
     n = patch_nums[si] ** 2
-    if step.model != prev and si > 0:
-      held, n = (0,) * depth, int(ends[si])
+    if step.model != prev:
+      held, n = (0,) * depths[step.model], int(ends[si])
     out.append(held)
     prev = step.model
     if step.skip:
@@ -333,18 +384,38 @@ def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth: int)
     if step.kv_capacity is not None:
       total = [min(t, c) for t, c in zip(total, step.kv_capacity, strict=True)]
     held = tuple(total)
+  out.append(held)  # after the last scale
   return out
 
 
-def _merge_runs(runs: list[CacheRun]) -> tuple[CacheRun, ...]:
-  """Adjacent runs of equal length become one (fewer scans at the next scale)."""
-  out: list[CacheRun] = []
-  for r in runs:
-    if out and out[-1].length == r.length and out[-1].stop == r.start:
-      prev = out.pop()
-      r = CacheRun(jnp.concatenate([prev.k, r.k]), jnp.concatenate([prev.v, r.v]), prev.start, r.stop)
-    out.append(r)
-  return tuple(out)
+def planned_buffer_sizes(plan: ScalePlan, patch_nums: Sequence[int], depth) -> list[tuple[int, ...]]:
+  """Per scale and layer, the size of a cache buffer made at that scale (fresh, cut to a capacity, or grown): the
+  longest the layer gets while the following scales write it in place (they keep all its tokens), so in-place
+  writes never run out of room. The plain plan makes one buffer at scale 0 of the longest re-read prefix."""
+  held = planned_held_lengths(plan, patch_nums, depth)
+  s = len(plan.steps)
+
+  def continues(si):  # scale si keeps a cache for scale si + 1
+    return si + 1 < s and not plan[si + 1].skip and plan[si + 1].model == plan[si].model
+
+  def cuts(si, layer):  # scale si cuts the layer's cache to a capacity
+    step = plan[si]
+    if step.kv_capacity is None:
+      return False
+    n = step.prune.keep if step.prune and step.prune.first <= layer < step.prune.last else patch_nums[si] ** 2
+    return step.kv_capacity[layer] < held[si][layer] + n
+
+  out = []
+  for si in range(s):
+    sizes = []
+    for layer in range(len(held[si])):
+      size, sj = (held[si + 1][layer] if continues(si) else 0), si + 1
+      while sj < s and continues(sj) and not cuts(sj, layer) and plan[sj].model == plan[si].model:
+        size = max(size, held[sj + 1][layer])
+        sj += 1
+      sizes.append(size)
+    out.append(tuple(sizes))
+  return out
 
 
 def _rows(tree, idx: jax.Array):
@@ -382,6 +453,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
   cvae, p = mcfg.z_channels, patch_nums[-1]
 
   states = {name: ModelState() for name in plan.models}
+  sizes = planned_buffer_sizes(plan, patch_nums, {name: models[name].config.depth for name in plan.models})
   f_hat = jnp.zeros((b, p, p, cvae), jnp.float32)
   x_hist: list[jax.Array] = []  # next-scale inputs (B, pn^2, Cvae) of scales 1.. (a new model's prefill)
   tokens: list[jax.Array] = []
@@ -419,7 +491,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
         record = (ls.prune.first, ls.prune.last)
     spec = ScaleForward(n=pn * pn, side=pn, prune=step.prune, capacity=step.kv_capacity, record=record,
                         emit=nxt_step is not None and not nxt_step.skip and nxt_step.model == step.model,
-                        cache_side=patch_nums[step.prune.cache_scale] if step.prune else 0)
+                        sizes=sizes[si])
     kv_index = [] if return_logits else None
     kw = dict(hooks=hooks, kv_options=plan.kv, kv_index=kv_index,
               kv_dtype=jnp.dtype(kv_dtype) if kv_dtype is not None else model.config.compute_dtype)
