@@ -327,6 +327,15 @@ class _LayerRun:
     box = {}
 
     def kv_fn(k, v):  # this call's keys/values (R, n', H, hd) -> what the layer attends over
+      box["k_new"], box["v_new"] = k, v
+      if self.mode in (_INPLACE, _FRESH):  # write first, then read the layer's prefix back (no concatenation)
+        at = (li, 0, self.held, 0, 0)
+        box["buf"] = tuple(jax.lax.dynamic_update_slice(b, a[None].astype(b.dtype), at)
+                           for b, a in zip(buf, (k, v), strict=True))
+        size = (1, k.shape[0], self.held + k.shape[1]) + k.shape[2:]
+        box["k"], box["v"] = (jax.lax.dynamic_slice(b, (li, 0, 0, 0, 0), size)[0].astype(k.dtype)
+                              for b in box["buf"])
+        return box["k"], box["v"]
       if self.held:
         size = (1, k.shape[0], self.held) + k.shape[2:]
         k_old = jax.lax.dynamic_slice(buf[0], (li, 0, 0, 0, 0), size)[0]
@@ -351,9 +360,7 @@ class _LayerRun:
       if self.record:
         ys["attn"], ys["ffn"] = attn[:, m - spec.n:], ffn[:, m - spec.n:]
     if self.mode in (_INPLACE, _FRESH):
-      at = (li, 0, self.held, 0, 0)
-      buf = tuple(jax.lax.dynamic_update_slice(b, a[None].astype(b.dtype), at)
-                  for b, a in zip(buf, (box["k_new"], box["v_new"]), strict=True))
+      buf = box["buf"]
     elif self.mode == _COMPRESS:
       positions, query_rows = self.window
       k, v, ys["index"] = self.compress(box["q"], box["k"], box["v"], self.capacity, positions, query_rows,
