@@ -65,6 +65,11 @@ def max_abs_diff(a, b) -> float:
   return max(jax.tree.leaves(diffs))
 
 
+def flat_state(tree) -> dict[str, np.ndarray]:
+  """A pytree of arrays -> {jax.tree_util.keystr(path): numpy array}."""
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def write_torch_zip(path: pathlib.Path, state_dict: dict) -> pathlib.Path:
   """Writes `state_dict` (name -> float32 numpy) as a torch >= 1.6 zip checkpoint, byte-compatible with what
   `torch.save` produces for plain tensors, without torch: the pickle references
