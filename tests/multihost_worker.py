@@ -3,8 +3,9 @@
   python tests/multihost_worker.py SCENARIO SPEC.json
 
 SCENARIO is `train` (train_lib.train_and_evaluate on a tiny config with config.distributed=True, recording
-the batches this process read; optionally SIGKILLed at a chosen point) or `restore` (restore a checkpoint
-onto a mesh over all processes and write the gathered state). Results go to SPEC["out"] as npz / json files
+the batches this process read; optionally SIGKILLed at a chosen point), `restore` (restore a checkpoint
+onto a mesh over all processes and write the gathered state) or `sample_and_fid` (sample_images + FID
+statistics across the processes). Results go to SPEC["out"] as npz / json files
 named by process index.
 """
 
@@ -137,6 +138,34 @@ def restore(spec, out):
     (out / "specs.json").write_text(json.dumps(specs))
 
 
+def sample_and_fid(spec, out):
+  """Samples with var.sampler.sample_images on a mesh over all processes (process 0 writes samples.npz as
+  sample.py does), then runs `python -m var.eval.fid --distributed` on that file (as main(argv))."""
+  import jax
+
+  from var import pretrained
+  from var import sharding as shd
+  from var.eval import fid
+  from var.sampler import sample_images
+
+  shd.maybe_initialize_distributed(True)
+  var, _, vae, _ = pretrained.load_pretrained(spec["model_dir"])
+  mesh = shd.make_mesh((-1, 1, 1))
+  kw = spec["sample_kwargs"]
+  images = sample_images(var, vae, kw["classes"], num_per_class=kw["num_per_class"], cfg=kw["cfg"],
+                         top_k=kw["top_k"], seed=kw["seed"], batch_size=kw["batch_size"], mesh=mesh)
+  labels = np.repeat(np.asarray(kw["classes"], np.int64), kw["num_per_class"])
+  if jax.process_index() == 0:
+    u8 = np.clip(np.round(images * 255), 0, 255).astype(np.uint8)  # sample.py's samples.npz
+    np.savez(out / "samples.npz", arr_0=u8, arr_1=labels)
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices("samples.npz written")  # the file is FID's input on every process
+  fid.main(["--samples", str(out / "samples.npz"), "--save_stats", str(out / "stats.npz"), "--distributed",
+            "--inception_weights", spec["inception_weights"], "--batch_size", str(spec["fid_batch_size"]),
+            "--no_progress"])
+
+
 def flat_arrays(tree) -> dict:
   import jax
 
@@ -149,4 +178,4 @@ if __name__ == "__main__":
   spec = json.loads(pathlib.Path(spec_path).read_text())
   out = pathlib.Path(spec["out"])
   out.mkdir(parents=True, exist_ok=True)
-  {"train": train, "restore": restore}[scenario](spec, out)
+  {"train": train, "restore": restore, "sample_and_fid": sample_and_fid}[scenario](spec, out)

@@ -133,3 +133,16 @@ def write_torch_zip(path: pathlib.Path, state_dict: dict) -> pathlib.Path:
     for key, value in arrays.items():
       zf.writestr(f"archive/data/{key}", value.tobytes())
   return path
+
+
+def restore_arrays(state_dir) -> dict:
+  """An orbax `state` item as host numpy arrays, whatever mesh, devices or process count saved it (a target
+  on this process's first device; restoring without a target needs the saving topology)."""
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  path = pathlib.Path(state_dir).absolute()
+  meta = ckptr.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return jax.tree.map(np.asarray, ckptr.restore(path, target))
