@@ -57,12 +57,22 @@ def synthetic_batch(batch: int, resolution: int, seed: int = 0, num_classes: int
 
 
 def max_abs_diff(a, b) -> float:
-  """Largest |a - b| over all leaves of two pytrees of arrays with the same structure."""
+  """Largest |a - b| over the leaves of two pytrees of arrays with the same paths. Integer and string keys
+  count as the same (nnx pure dicts key list entries by int, orbax restores them as strings)."""
+  fa, fb = _flat_by_name(a), _flat_by_name(b)
+  if fa.keys() != fb.keys():
+    raise AssertionError(f"different leaves: {sorted(fa.keys() ^ fb.keys())[:10]}")
+
   def diff(x, y):
     return float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0
 
-  diffs = jax.tree.map(diff, a, b)
-  return max(jax.tree.leaves(diffs))
+  return max(diff(fa[k], fb[k]) for k in fa)
+
+
+def _flat_by_name(tree) -> dict:
+  if isinstance(tree, dict) and tree and all(isinstance(k, str) and k.startswith("[") for k in tree):
+    return {k.replace("'", ""): v for k, v in tree.items()}  # already flat (flat_state / an npz of it)
+  return {jax.tree_util.keystr(p).replace("'", ""): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def flat_state(tree) -> dict[str, np.ndarray]:
