@@ -59,16 +59,21 @@ def arrange_kill(spec, workdir: pathlib.Path):
 
     shd.shard_batch = killing_shard_batch
   else:
+    import threading
+
     handler_save, manager_save = grain.checkpoint.CheckpointHandler.save, Checkpointer.save
+    writing = threading.Event()
 
     def slow_handler_save(self, directory, *args, **kwargs):
       if pathlib.Path(directory).parent.name.startswith(f"{step}."):  # <step>.orbax-checkpoint-tmp*/data
+        writing.set()  # the background write of step k has begun; it never finishes
         time.sleep(600)
       return handler_save(self, directory, *args, **kwargs)
 
     def killing_save(self, at, *args, **kwargs):
-      out = manager_save(self, at, *args, **kwargs)
+      out = manager_save(self, at, *args, **kwargs)  # returns while orbax writes in the background
       if at == step:
+        writing.wait(timeout=300)
         os.kill(os.getpid(), 9)
       return out
 

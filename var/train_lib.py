@@ -962,7 +962,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
     workdir: checkpoints (`ckpt/`), metrics (`metrics.jsonl`), sample grids and the final model directory
       (`model/`) go here.
     init_from: a model directory whose parameters initialise the model (fine-tuning); ignored when resuming.
-    stop_after: stop (with a checkpoint) after this many steps of THIS invocation: simulates a killed run.
+    stop_after: stop (with a checkpoint) after this many steps of THIS invocation (a clean stop; the tests
+      also kill runs with SIGKILL).
 
   Returns:
     {"step", "train" (last logged train metrics), "eval" (final held-out metrics), "model_dir", "wall_s"}.
@@ -1029,7 +1030,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
       skipped += int(jax.device_get(metrics["skipped"]))
       return
     values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
-    for name, value in values.items():
+    for name in ("loss", "grad_norm"):  # in this order (device_get returns the dict sorted by key)
+      value = values[name]
       if not math.isfinite(float(value)):
         latest_ok = ckpt.latest_step()
         raise FloatingPointError(
