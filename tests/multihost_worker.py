@@ -33,12 +33,10 @@ def _config(spec):
 def arrange_kill(spec, workdir: pathlib.Path):
   """SIGKILL this process (no cleanup, no atexit: a hard kill) at spec["kill"]["step"]:
     "between": when step k's batch is read, once the checkpoint before it is complete on disk;
-    "saving": right after checkpoint k's asynchronous save was started, with its data item held back so the
-      write is certainly unfinished."""
+    "saving": once checkpoint k's asynchronous save has returned and its background thread has reached the
+      commit, which is held back, so the step is certainly unfinished when the kill comes."""
   import os
   import time
-
-  import grain
 
   from var import sharding as shd
   from var.checkpoint import Checkpointer
@@ -59,25 +57,34 @@ def arrange_kill(spec, workdir: pathlib.Path):
 
     shd.shard_batch = killing_shard_batch
   else:
+    import asyncio
     import threading
 
-    handler_save, manager_save = grain.checkpoint.CheckpointHandler.save, Checkpointer.save
-    writing = threading.Event()
+    from orbax.checkpoint._src.path import atomicity
 
-    def slow_handler_save(self, directory, *args, **kwargs):
-      if pathlib.Path(directory).parent.name.startswith(f"{step}."):  # <step>.orbax-checkpoint-tmp*/data
-        writing.set()  # the background write of step k has begun; it never finishes
-        time.sleep(600)
-      return handler_save(self, directory, *args, **kwargs)
+    writing = threading.Event()
+    manager_save = Checkpointer.save
+
+    def held_back(finalize):
+      async def finalize_unless_step(self, *args, **kwargs):
+        if self.get_final().name == str(step):  # the commit of step k: never let it finish
+          if threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), 9)  # (committed synchronously after all: the kill comes mid-save anyway)
+          writing.set()
+          await asyncio.sleep(600)
+        return await finalize(self, *args, **kwargs)
+
+      return finalize_unless_step
 
     def killing_save(self, at, *args, **kwargs):
-      out = manager_save(self, at, *args, **kwargs)  # returns while orbax writes in the background
+      out = manager_save(self, at, *args, **kwargs)  # returns while orbax writes and commits in the background
       if at == step:
         writing.wait(timeout=300)
         os.kill(os.getpid(), 9)
       return out
 
-    grain.checkpoint.CheckpointHandler.save = slow_handler_save
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+      cls.finalize = held_back(cls.finalize)
     Checkpointer.save = killing_save
 
 

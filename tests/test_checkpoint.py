@@ -138,7 +138,7 @@ def test_trained_state_restores_onto_another_mesh(dirs, uninterrupted):
   assert counts and set(counts) == {6}, counts  # optax's Adam and schedule counters
   leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got["opt"])}
   moments = {k: v for k, v in leaves.items() if "['blocks']['attn']['mat_qkv']['kernel']" in k}
-  assert sorted(k.split("]")[-3] for k in moments) == ["['mu'", "['nu'"], sorted(moments)  # Adam mu and nu
+  assert len(moments) == 2 and all(any(f"['{m}']" in k for k in moments) for m in ("mu", "nu")), moments
   for qkv in moments.values():
     assert qkv.sharding.mesh.shape == mesh_b.shape
     assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

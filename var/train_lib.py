@@ -704,10 +704,13 @@ def _skipping_nonfinite(train_step: Callable) -> Callable:
   order, the per-step randomness and the schedules stay those of the loop's step. Adds metric `skipped`."""
 
   def step(state, *args):
+    # A copy of the tree (new Variable objects, same arrays): the step merges `state` into modules and updates
+    # their Variables in place, which would otherwise make `state` the new state too.
+    old_state = jax.tree.map(lambda x: x, state)
     new_state, metrics = train_step(state, *args)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     keep = lambda new, old: jnp.where(ok, new, old) if jnp.issubdtype(new.dtype, jnp.floating) else new
-    return jax.tree.map(keep, new_state, state), {**metrics, "skipped": (~ok).astype(jnp.int32)}
+    return jax.tree.map(keep, new_state, old_state), {**metrics, "skipped": (~ok).astype(jnp.int32)}
 
   return step
 
