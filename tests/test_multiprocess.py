@@ -145,7 +145,8 @@ def test_var_stage_two_processes_equal_one_process_and_checkpoints_cross(dirs, m
   assert len(restored) == len(want)
   assert tl.max_abs_diff(restored, want) == 0.0  # (the npz keys are key paths: compared by name)
   specs = json.loads((out / "specs.json").read_text())
-  assert specs["['model']['blocks']['attn']['mat_qkv']['kernel']"] == "PartitionSpec(None, 'fsdp', 'tensor')"
+  assert specs["['model']['blocks']['attn']['mat_qkv']['kernel']"] == str(
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
 
   # 2-process checkpoint -> this process on a (2, 4, 1) mesh: values and shardings
   config_b = tl.var_config(data_dir, tok_dir, **{**overrides, "mesh": (2, 4, 1)})
