@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = False
   # Activations dtype; parameters and optimizer state always stay float32.
   c.dtype = "float32"
+  # A step whose loss or gradient norm is NaN/inf stops the run with an error (no checkpoint of the bad state
+  # is written). True instead skips such steps (no update; counted as `skipped_nonfinite` in the metrics).
+  c.skip_nonfinite = False
 
   c.log_every_steps = 50
   c.eval_every_steps = 500

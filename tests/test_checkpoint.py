@@ -2,11 +2,14 @@
 (never overwriting) for corrupt or mismatched checkpoints."""
 
 import dataclasses
+import json
+import logging
 import pathlib
+import signal
 
 import jax
+import multihost_testlib as mh
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import train_testlib as tl
 from flax import nnx
@@ -33,73 +36,120 @@ def dirs(tmp_path_factory):
 
 
 def _config(data_dir, tok_dir, **overrides):
-  """One tiny VAR config for every test here (same graph, so the jitted init / steps are compiled once)."""
-  return tl.var_config(data_dir, tok_dir, **{"total_steps": 4, "log_every_steps": 1, "ckpt.every_steps": 2,
+  """One tiny VAR config for every test here (same graph, so the jitted init / steps are compiled once).
+  Checkpoints are asynchronous, the default."""
+  return tl.var_config(data_dir, tok_dir, **{"total_steps": 6, "log_every_steps": 1, "ckpt.every_steps": 2,
+                                             "ckpt.max_to_keep": 3, "ckpt.async_save": True,
                                              "eval_batches": 1, "mesh": (2, 2, 2), **overrides})
 
 
 def _state_at(workdir: pathlib.Path, step: int) -> dict:
-  return ocp.StandardCheckpointer().restore((workdir / "ckpt" / str(step) / "state").absolute())
+  return tl.restore_arrays(workdir / "ckpt" / str(step) / "state")
 
 
 def _train_losses(workdir: pathlib.Path) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in train_lib.read_metrics(workdir) if r["split"] == "train"}
 
 
-def test_kill_and_resume_equals_uninterrupted_run(dirs):
+@pytest.fixture(scope="module")
+def uninterrupted(dirs):
+  """6 steps in one go (class dropout and drop path on: a resumed run must also draw the same randomness)."""
   data_dir, tok_dir, root = dirs
-  # class dropout and drop path are on: the resumed run must draw the same randomness as well as the same data
+  config = _config(data_dir, tok_dir, sample_every_steps=6)  # also writes a sample grid (var/sampler.py)
+  result = train_lib.train_and_evaluate(config, root / "full")
+  assert (root / "full" / "samples" / "step_0000006.png").is_file()
+  return root / "full", result
+
+
+@pytest.mark.parametrize("when", ["between", "saving"])
+def test_hard_kill_and_restart_equals_uninterrupted_run(dirs, uninterrupted, when, caplog):
+  """SIGKILL (a) during step 5, after checkpoint 4 committed, or (b) while checkpoint 4 is being written
+  asynchronously; the same command again resumes from the last complete checkpoint and replays the lost
+  steps with the same data and randomness."""
+  data_dir, tok_dir, root = dirs
+  full, full_result = uninterrupted
   config = _config(data_dir, tok_dir)
-  sampled = config.copy_and_resolve_references()
-  sampled.sample_every_steps = 4  # the uninterrupted run also writes a sample grid (var/sampler.py) at step 4
-  full = train_lib.train_and_evaluate(sampled, root / "full")
-  assert (root / "full" / "samples" / "step_0000004.png").is_file()
-  part = train_lib.train_and_evaluate(config, root / "resumed", stop_after=2)  # "killed" after 2 steps
-  assert part["step"] == 2 and "eval" not in part
-  assert sorted(Checkpointer(root / "resumed" / "ckpt").all_steps()) == [2]
-  rest = train_lib.train_and_evaluate(config, root / "resumed")  # the same command again: resumes at step 2
-  assert rest["step"] == 4
-  a, b = _state_at(root / "full", 4), _state_at(root / "resumed", 4)
-  assert tl.max_abs_diff(a, b) <= 1e-6
-  assert tl.max_abs_diff(_state_at(root / "full", 2), _state_at(root / "resumed", 2)) <= 1e-6
-  la, lb = _train_losses(root / "full"), _train_losses(root / "resumed")
-  assert sorted(lb) == [1, 2, 3, 4]
-  for step in (3, 4):  # same batches and same class-dropout draws after the restart
+  workdir = root / f"killed_{when}"
+  kill_step = 5 if when == "between" else 4
+  spec = dict(stage="var", data_dir=str(data_dir), tokenizer_dir=str(tok_dir), workdir=str(workdir),
+              out=str(root / f"killed_{when}_out"), distributed=False, kill={"when": when, "step": kill_step},
+              overrides={"total_steps": 6, "log_every_steps": 1, "ckpt.every_steps": 2, "ckpt.max_to_keep": 3,
+                         "ckpt.async_save": True, "eval_batches": 1, "mesh": [2, 2, 2]})
+  spec_path = root / f"killed_{when}.json"
+  spec_path.write_text(json.dumps(spec))
+  run = mh.run_single(["tests/multihost_worker.py", "train", str(spec_path)], root / f"killed_{when}.log",
+                      local_devices=8, timeout=400, extra_env={"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
+  assert run.returncode == -signal.SIGKILL, run.log[-3000:]
+  names = sorted(p.name for p in (workdir / "ckpt").iterdir())
+  if when == "between":
+    assert [n for n in names if n.isdigit()] == ["2", "4"], names
+  else:  # step 4 was cut off mid-write: only its temporary directory exists, step 2 is the last complete one
+    assert [n for n in names if n.isdigit()] == ["2"], names
+    assert any(n.startswith("4.orbax-checkpoint-tmp") for n in names), names
+  last = 4 if when == "between" else 2
+
+  caplog.set_level(logging.INFO)
+  rest = train_lib.train_and_evaluate(config, workdir)  # the same command again
+  assert f"resumed from {workdir / 'ckpt' / str(last)}" in caplog.text
+  assert rest["step"] == 6
+  assert sorted(Checkpointer(workdir / "ckpt").all_steps()) == [2, 4, 6]
+  err = tl.max_abs_diff(_state_at(full, 6), _state_at(workdir, 6))
+  print(f"hard kill ({when}) + restart vs uninterrupted: state {err:.2e}")
+  assert err <= 1e-6
+  la, lb = _train_losses(full), _train_losses(workdir)
+  # metrics.jsonl holds the killed run's steps and the replayed ones; the last record of a step wins
+  for step in range(last + 1, 7):  # the replayed steps saw the same batches and class-dropout draws
     assert abs(la[step] - lb[step]) <= 1e-6, (step, la[step], lb[step])
   assert la[1] != la[2]  # the losses do change from step to step (the comparison is not vacuous)
-  assert abs(full["eval"]["loss"] - rest["eval"]["loss"]) <= 1e-6
-  assert (root / "resumed" / "model" / "config.json").is_file()
+  assert abs(full_result["eval"]["loss"] - rest["eval"]["loss"]) <= 1e-6
+  assert (workdir / "model" / "config.json").is_file()
 
 
-def test_save_on_one_mesh_restore_on_another(dirs):
+def test_clean_stop_and_resume_equals_uninterrupted_run(dirs, uninterrupted):
   data_dir, tok_dir, root = dirs
-  config = _config(data_dir, tok_dir, mesh=(4, 2, 1))
-  tok_config = train_lib.load_tokenizer_config(config)
-  mesh_a = shd.make_mesh((4, 2, 1))
-  setup_a = train_lib.make_setup(config, mesh_a, tok_config=tok_config)
-  it = data.make_train_iterator(config.input, seed=0)
-  next(it)
-  # make the saved values distinctive (not the seed's init, which the target would reproduce anyway)
-  bumped = jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x,
-                        nnx.to_pure_dict(setup_a.state["model"]))
-  state_a = train_lib._trainable(setup_a.state, setup_a.frozen)
-  state_a["model"] = bumped
-  ckpt = Checkpointer(root / "mesh" / "ckpt", async_save=False)
-  ckpt.save(1, state_a, config=config.to_dict(), data_iterator=it)
-  expected_next = next(it)
+  full, _ = uninterrupted
+  config = _config(data_dir, tok_dir)
+  part = train_lib.train_and_evaluate(config, root / "resumed", stop_after=3)  # stops with a checkpoint at 3
+  assert part["step"] == 3 and "eval" not in part
+  assert sorted(Checkpointer(root / "resumed" / "ckpt").all_steps()) == [2, 3]
+  assert train_lib.train_and_evaluate(config, root / "resumed")["step"] == 6
+  assert tl.max_abs_diff(_state_at(full, 6), _state_at(root / "resumed", 6)) <= 1e-6
 
-  mesh_b = shd.make_mesh((2, 2, 2))
-  setup_b = train_lib.make_setup(config, mesh_b, tok_config=tok_config)
-  it_b = data.make_train_iterator(config.input, seed=0)
-  config.mesh = (2, 2, 2)
-  train_lib.restore_checkpoint(setup_b, ckpt, 1, it_b, config)
-  qkv = setup_b.state["model"]["blocks"]["attn"]["mat_qkv"]["kernel"][...]
-  assert qkv.sharding.mesh.shape == mesh_b.shape
-  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert tl.max_abs_diff(bumped, nnx.to_pure_dict(setup_b.state["model"])) == 0.0
-  # the data position came back too
-  np.testing.assert_array_equal(next(it_b)["image"], expected_next["image"])
+
+def test_trained_state_restores_onto_another_mesh(dirs, uninterrupted):
+  """Model AND optimizer state (Adam moments, step counts) after 6 real steps, saved on (2, 2, 2), come back
+  exactly onto (4, 2, 1) with that mesh's shardings; the data position comes back too."""
+  data_dir, tok_dir, root = dirs
+  full, _ = uninterrupted
+  config = _config(data_dir, tok_dir, mesh=(4, 2, 1))
+  saved = _state_at(full, 6)
+  mesh_b = shd.make_mesh((4, 2, 1))
+  setup = train_lib.make_setup(config, mesh_b, tok_config=train_lib.load_tokenizer_config(config))
+  fresh = jax.device_get(train_lib._trainable(setup.state, setup.frozen))
+  it = data.make_train_iterator(config.input, seed=0)
+  ckpt = Checkpointer(full / "ckpt")
+  train_lib.restore_checkpoint(setup, ckpt, 6, it, config)
   ckpt.close()
+  got = train_lib._trainable(setup.state, setup.frozen)
+  assert tl.max_abs_diff(saved, jax.device_get(got)) == 0.0
+  assert tl.max_abs_diff(fresh["opt"], saved["opt"]) > 1e-6  # the moments are trained ones, not a fresh state
+  assert int(got["opt"]["step"]) == 6
+  counts = [int(v) for k, v in tl.flat_state(got["opt"]).items() if k.endswith("['count']")]
+  assert counts and set(counts) == {6}, counts  # optax's Adam and schedule counters
+  leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got["opt"])}
+  moments = {k: v for k, v in leaves.items() if "['blocks']['attn']['mat_qkv']['kernel']" in k}
+  assert len(moments) == 2 and all(any(f"['{m}']" in k for k in moments) for m in ("mu", "nu")), moments
+  for qkv in moments.values():
+    assert qkv.sharding.mesh.shape == mesh_b.shape
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert qkv.addressable_shards[0].data.shape[1:] == (qkv.shape[1] // 2, qkv.shape[2])  # fsdp = 2 here
+  assert setup.state["model"]["blocks"]["attn"]["mat_qkv"]["kernel"][...].sharding.spec == (
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+  # the data position came back: the next batch is the 7th of a fresh iterator
+  ref = data.make_train_iterator(config.input, seed=0)
+  for _ in range(6):
+    next(ref)
+  np.testing.assert_array_equal(next(it)["image"], next(ref)["image"])
 
 
 def _make_checkpoint(root, config, name):

@@ -236,6 +236,65 @@ def test_official_augmentation_geometry():
   assert batch["label"].dtype == np.int32
 
 
+def _lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) weights of a Lanczos-3 resize with antialiasing, from the formula (PIL's convention: pixel
+  centres at i + 0.5, the kernel stretched by the downscale factor, each row normalised)."""
+  scale = in_size / out_size
+  stretch = max(scale, 1.0)
+  support = 3.0 * stretch
+  out = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    centre = (i + 0.5) * scale
+    lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+    x = (np.arange(lo, hi) - centre + 0.5) / stretch
+    w = np.sinc(x) * np.sinc(x / 3) * (np.abs(x) < 3)
+    out[i, lo:hi] = w / w.sum()
+  return out
+
+
+def _lanczos_reference(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Separable numpy Lanczos-3: horizontal pass rounded to 8 bits, then vertical (PIL's order)."""
+  x = np.einsum("ow,hwc->hoc", _lanczos_matrix(image.shape[1], out_w), image.astype(np.float64))
+  x = np.clip(np.round(x), 0, 255)
+  x = np.einsum("oh,hwc->owc", _lanczos_matrix(image.shape[0], out_h), x)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def test_official_augmentation_values_against_independent_references():
+  """LANCZOS shorter-side resize against a numpy Lanczos-3 from the formula; the whole training augmentation
+  (flip, resize, crop) against the same steps spelled with PIL's own operations and the same draws."""
+  from PIL import Image, ImageOps
+
+  rng = np.random.default_rng(1)
+  smooth = np.cumsum(np.cumsum(rng.integers(0, 3, (30, 20, 3)), 0), 1)  # natural-ish gradients + noise
+  image = np.clip(smooth * 255 // smooth.max() + rng.integers(0, 40, smooth.shape), 0, 255).astype(np.uint8)
+  for img, size in [(image, 18), (image.transpose(1, 0, 2), 18), (image, 9), (image, 27)]:  # down and up
+    img = np.ascontiguousarray(img)
+    got = data.resize_shorter_side(img, size)
+    want = _lanczos_reference(img, *got.shape[:2])
+    np.testing.assert_array_equal(got, want, err_msg=f"{img.shape} -> {size}")  # identical, pixel for pixel
+  aug = data.TrainAugment(16, 1.125, hflip=True)
+  flips = 0
+  for seed in range(12):
+    got = aug.random_map({"image": image, "label": np.int32(0)}, np.random.default_rng(seed))["image"]
+    draws = np.random.default_rng(seed)
+    pil = Image.fromarray(image)
+    if draws.random() < 0.5:
+      pil, flips = ImageOps.mirror(pil), flips + 1
+    pil = pil.resize((18, 27), Image.Resampling.LANCZOS)  # shorter side round(1.125 * 16) = 18
+    top, left = int(draws.integers(0, 27 - 16 + 1)), int(draws.integers(0, 18 - 16 + 1))
+    want = np.asarray(pil.crop((left, top, left + 16, top + 16)))
+    np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+  assert 3 <= flips <= 9  # both branches ran
+  # hflip=False never flips and draws no coin: the crop offsets are the first two draws
+  got = data.TrainAugment(16, 1.125, hflip=False).random_map({"image": image, "label": 0},
+                                                             np.random.default_rng(0))["image"]
+  draws = np.random.default_rng(0)
+  top, left = int(draws.integers(0, 27 - 16 + 1)), int(draws.integers(0, 18 - 16 + 1))
+  resized = np.asarray(Image.fromarray(image).resize((18, 27), Image.Resampling.LANCZOS))
+  np.testing.assert_array_equal(got, resized[top:top + 16, left:left + 16])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # any tfds dataset by name
 

@@ -80,7 +80,7 @@ def test_pth_file_and_trainer_nesting(shared_dir):
   model = official.load_official(root / "var.pth")
   assert model.config == var_model.preset("tiny")
   logits = model(jnp.asarray(io["labels_fwd"]), jnp.asarray(io["var_input"]))
-  np.testing.assert_allclose(logits, io["logits_fwd"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, io["logits_fwd"], atol=3e-5, rtol=0)  # measured 5.7e-6
   # export reproduces the official state dict exactly (buffers included)
   sd = load_pth(root / "var.pth")
   out = official.to_state_dict(model)

@@ -39,7 +39,8 @@ def fast_compile():
 
 def _check_against_teacher_forcing(var, vae, out, labels, ts):
   """KV-cached logits == block-causal teacher-forced logits on the sampled tokens: the conditional rows to 1e-5,
-  the CFG mix (ramp value t per scale, None = cond only) to 1e-4 (it amplifies differences by 1 + 2t)."""
+  the CFG mix (ramp value t per scale, None = cond only) to 5e-5 (it amplifies differences by 1 + 2t; measured
+  9.1e-6)."""
   x = vae.idx_to_var_input(vae.split_tokens(jnp.asarray(out["tokens"])))
   cond = var(jnp.asarray(labels), x)
   uncond = var(jnp.full_like(jnp.asarray(labels), var.config.num_classes), x)
@@ -47,7 +48,7 @@ def _check_against_teacher_forcing(var, vae, out, labels, ts):
   parts = []
   for (b, e), t in zip(var.config.begin_ends, ts, strict=True):
     parts.append(cond[:, b:e] if t is None else (1 + t) * cond[:, b:e] - t * uncond[:, b:e])
-  np.testing.assert_allclose(out["logits"], jnp.concatenate(parts, axis=1), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out["logits"], jnp.concatenate(parts, axis=1), atol=5e-5, rtol=0)
 
 
 def _nchw(x):
@@ -59,8 +60,8 @@ def test_greedy_matches_official(t1, greedy, cfg, tag):
   var, vae, io = t1
   out = greedy(io["labels_sample"], np.arange(4), cfg=cfg)
   np.testing.assert_array_equal(out["tokens"], io[f"sample_{tag}_idx_BL"])
-  np.testing.assert_allclose(_nchw(out["f_hat"]), io[f"sample_{tag}_fhat"], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_nchw(out["images"]), io[f"sample_{tag}_img"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_nchw(out["f_hat"]), io[f"sample_{tag}_fhat"], atol=6e-7, rtol=0)  # measured 1.2e-7
+  np.testing.assert_allclose(_nchw(out["images"]), io[f"sample_{tag}_img"], atol=1e-5, rtol=0)  # measured 2.1e-6
   if tag == "cfg1p5":
     np.testing.assert_allclose(out["logits"], io["sample_cfg1p5_logits_BLV"], atol=1e-4, rtol=0)
   # KV-cached logits == block-causal teacher-forced logits on the sampled tokens
@@ -116,7 +117,7 @@ def test_plan_select_model_switch_and_cfg_off(t1):
   assert out["tokens"].shape == (2, 30) and out["images"].shape == (2, 16, 16, 3)
   np.testing.assert_array_equal(out["tokens"][:, :14], ref_tokens[:, :14])
   _check_against_teacher_forcing(var, vae, out, io["labels_sample"][[3, 1]], [0.0, 0.5, 1.0, None])
-  np.testing.assert_allclose(out["f_hat"], vae.idx_to_fhat(vae.split_tokens(out["tokens"])), atol=1e-5)
+  np.testing.assert_allclose(out["f_hat"], vae.idx_to_fhat(vae.split_tokens(out["tokens"])), atol=1e-6)
 
 
 def test_plan_validation(t1):
@@ -172,7 +173,7 @@ def test_editing_keeps_masked_tokens(t1, edit_run):
     if si > 0:
       assert (tokens[:, b:e][~keep] != gt[:, b:e][~keep]).any()
   # the image is the decode of exactly these tokens
-  np.testing.assert_allclose(out["images"], (vae.idx_to_img(vae.split_tokens(out["tokens"])) + 1) / 2, atol=1e-5)
+  np.testing.assert_allclose(out["images"], (vae.idx_to_img(vae.split_tokens(out["tokens"])) + 1) / 2, atol=7e-6)
   # torch bilinear (align_corners=False) weights: 4 -> 3 and 4 -> 2
   np.testing.assert_allclose(editing.bilinear_matrix(4, 2), [[.5, .5, 0, 0], [0, 0, .5, .5]])
   np.testing.assert_allclose(editing.bilinear_matrix(4, 3)[0], [5 / 6, 1 / 6, 0, 0], rtol=1e-6)
@@ -219,7 +220,7 @@ def test_sample_images_helper(t1):
   sampler_lib._SAMPLERS.clear()  # other tests (training loop, CLI) may have cached samplers of their own
   images = sampler_lib.sample_images(var, vae, [3, 0, 9, 3], cfg=1.5, top_k=1)
   assert isinstance(images, np.ndarray) and images.shape == (4, 16, 16, 3)
-  np.testing.assert_allclose(images, io["sample_cfg1p5_img"].transpose(0, 2, 3, 1), atol=1e-4)
+  np.testing.assert_allclose(images, io["sample_cfg1p5_img"].transpose(0, 2, 3, 1), atol=1e-5)  # measured 1.9e-6
   again = sampler_lib.sample_images(var, vae, [9, 3], num_per_class=2, cfg=1.5, top_k=1, batch_size=4)
   np.testing.assert_allclose(again, images[[2, 2, 0, 0]], atol=1e-6)
   assert len(sampler_lib._SAMPLERS) == 1 and next(iter(sampler_lib._SAMPLERS.values())).trace_count == 1

@@ -140,6 +140,11 @@ def test_maybe_initialize_distributed_from_env_or_flag(monkeypatch):
   assert sharding.maybe_initialize_distributed(None, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   assert sharding.maybe_initialize_distributed(True, environ={})
   assert calls == [((), {}), ((), {})]
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert sharding.maybe_initialize_distributed(None, environ=env)  # jax itself reads only the address
+  assert calls[-1] == ((), {"num_processes": 4, "process_id": 3})
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' must be an integer"):
+    sharding.maybe_initialize_distributed(None, environ={**env, "JAX_PROCESS_ID": "x"})
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
   assert sharding.maybe_initialize_distributed(True, environ={}) is False  # never twice
-  assert len(calls) == 2
+  assert len(calls) == 3

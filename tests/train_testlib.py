@@ -57,12 +57,27 @@ def synthetic_batch(batch: int, resolution: int, seed: int = 0, num_classes: int
 
 
 def max_abs_diff(a, b) -> float:
-  """Largest |a - b| over all leaves of two pytrees of arrays with the same structure."""
+  """Largest |a - b| over the leaves of two pytrees of arrays with the same paths. Integer and string keys
+  count as the same (nnx pure dicts key list entries by int, orbax restores them as strings)."""
+  fa, fb = _flat_by_name(a), _flat_by_name(b)
+  if fa.keys() != fb.keys():
+    raise AssertionError(f"different leaves: {sorted(fa.keys() ^ fb.keys())[:10]}")
+
   def diff(x, y):
     return float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0
 
-  diffs = jax.tree.map(diff, a, b)
-  return max(jax.tree.leaves(diffs))
+  return max(diff(fa[k], fb[k]) for k in fa)
+
+
+def _flat_by_name(tree) -> dict:
+  if isinstance(tree, dict) and tree and all(isinstance(k, str) and k.startswith("[") for k in tree):
+    return {k.replace("'", ""): v for k, v in tree.items()}  # already flat (flat_state / an npz of it)
+  return {jax.tree_util.keystr(p).replace("'", ""): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def flat_state(tree) -> dict[str, np.ndarray]:
+  """A pytree of arrays -> {jax.tree_util.keystr(path): numpy array}."""
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def write_torch_zip(path: pathlib.Path, state_dict: dict) -> pathlib.Path:
@@ -128,3 +143,16 @@ def write_torch_zip(path: pathlib.Path, state_dict: dict) -> pathlib.Path:
     for key, value in arrays.items():
       zf.writestr(f"archive/data/{key}", value.tobytes())
   return path
+
+
+def restore_arrays(state_dir) -> dict:
+  """An orbax `state` item as host numpy arrays, whatever mesh, devices or process count saved it (a target
+  on this process's first device; restoring without a target needs the saving topology)."""
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  path = pathlib.Path(state_dir).absolute()
+  meta = ckptr.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  return jax.tree.map(np.asarray, ckptr.restore(path, target))

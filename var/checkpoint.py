@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 # Config fields that may differ between the run that saved a checkpoint and the run that resumes it (they do
 # not change what the saved arrays mean). Everything else must match.
 RESUMABLE_FIELDS = ("total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
-                    "sample_every_steps", "ckpt", "mesh", "distributed", "input.workers",
+                    "sample_every_steps", "ckpt", "mesh", "distributed", "skip_nonfinite", "input.workers",
                     "input.read_threads", "input.data_dir")
 
 
@@ -85,6 +85,12 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def has_data_state(self, step: int) -> bool:
+    """Whether `step` holds the data-iterator position of THIS process for the current process count (grain
+    saves one file per process: `data/process_<i>-of-<n>.json`)."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (self.directory / str(step) / "data" / name).is_file()
 
   def read_config(self, step: int) -> dict:
     """The config saved with `step`; a clear CheckpointError when it is unreadable."""

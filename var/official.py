@@ -163,7 +163,12 @@ def to_state_dict(model: VAR, params: nnx.State | None = None, *, buffers: bool 
 
 def config_from_state_dict(state_dict: Mapping[str, np.ndarray], **overrides) -> VARConfig:
   """Infers the architecture of an official state dict (depth, width, heads, patch_nums from the lvl_1L buffer,
-  shared AdaLN, L2 attention, vocabulary, classes); `overrides` set the rest (e.g. dtype, init options)."""
+  shared AdaLN, L2 attention, vocabulary, classes); `overrides` set the rest (e.g. dtype, init options).
+
+  The head count is stored only by L2-normalised attention (its per-head `scale_mul_1H11`). Without it the
+  weights fit every head count that divides the width, so it must come from `overrides` (num_heads=...)
+  or a preset / config; a ValueError says so rather than guessing.
+  """
   sd = unwrap_checkpoint(state_dict)
   try:
     depth = 1 + max(int(m.group(1)) for m in map(_BLOCK_RE.match, sd) if m)
@@ -173,16 +178,26 @@ def config_from_state_dict(state_dict: Mapping[str, np.ndarray], **overrides) ->
     counts = np.bincount(lvl)
     patch_nums = tuple(int(round(math.sqrt(n))) for n in counts)
     kw = dict(
-      depth=depth, width=width, num_heads=int(np.shape(sd["blocks.0.attn.scale_mul_1H11"])[1]) if l2 else width // 64,
-      mlp_ratio=np.shape(sd["blocks.0.ffn.fc1.weight"])[0] / width, vocab_size=int(np.shape(sd["head.weight"])[0]),
-      z_channels=int(np.shape(sd["word_embed.weight"])[1]), patch_nums=patch_nums,
-      num_classes=int(np.shape(sd["class_emb.weight"])[0]) - 1, shared_aln="shared_ada_lin.1.weight" in sd,
-      attn_l2_norm=l2, drop_path_rate=0.1 * depth / 24)
+      depth=depth, width=width, mlp_ratio=np.shape(sd["blocks.0.ffn.fc1.weight"])[0] / width,
+      vocab_size=int(np.shape(sd["head.weight"])[0]), z_channels=int(np.shape(sd["word_embed.weight"])[1]),
+      patch_nums=patch_nums, num_classes=int(np.shape(sd["class_emb.weight"])[0]) - 1,
+      shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm=l2, drop_path_rate=0.1 * depth / 24)
+    if l2:
+      kw["num_heads"] = int(np.shape(sd["blocks.0.attn.scale_mul_1H11"])[1])
   except (KeyError, ValueError, IndexError) as e:
     raise ValueError(f"not an official VAR state dict (could not infer the architecture: {e!r})") from e
   if any(p * p != n for p, n in zip(patch_nums, counts, strict=True)):
     raise ValueError(f"lvl_1L scale sizes {counts.tolist()} are not squares; pass patch_nums explicitly")
   kw.update(overrides)
+  if "num_heads" not in kw:
+    divisors = [h for h in range(1, width + 1) if width % h == 0]
+    raise ValueError(
+        f"the state dict does not determine the head count: without L2-normalised attention (no "
+        f"blocks.0.attn.scale_mul_1H11) a width-{width} model has the same weights for num_heads in "
+        f"{divisors}. Pass num_heads=... (the official presets use width / 64 = {width // 64 or '-'}), or "
+        "give the preset's config (load_official(path, config=var.model.preset(...)))")
+  if width % kw["num_heads"]:
+    raise ValueError(f"num_heads={kw['num_heads']} does not divide the width {width} of the state dict")
   return VARConfig(**kw)
 
 

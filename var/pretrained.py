@@ -43,10 +43,19 @@ def _config_to_dict(config: Any) -> dict[str, Any]:
   raise TypeError(f"cannot serialise config of type {type(config).__name__}; give a dataclass or a dict")
 
 
+def _this_process_only() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer that coordinates with no other process. Model directories are written by one
+  process (process 0, after gathering) and read by each process on its own; orbax's default would wait at
+  barriers for every process of a jax.distributed job."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_module_state(path: str | os.PathLike, module: nnx.Module):
-  """Saves the nnx.Param state of `module` with orbax into the (new) directory `path`."""
+  """Saves the nnx.Param state of `module` with orbax into the (new) directory `path` (this process alone)."""
   pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-  ckptr = ocp.StandardCheckpointer()
+  ckptr = _this_process_only()
   ckptr.save(os.path.abspath(path), pure)
   ckptr.wait_until_finished()
 
@@ -59,13 +68,15 @@ def restore_module(path: str | os.PathLike, build: Callable[[], nnx.Module]) -> 
   """
   abstract = nnx.eval_shape(build)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # This process's first device: with several processes jax.devices()[0] belongs to process 0, and an orbax
+  # restore onto devices another process owns fails ("the Array has no addressable shards").
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device),
     nnx.to_pure_dict(params),
   )
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    restored = _this_process_only().restore(os.path.abspath(path), target)
   except Exception as e:  # orbax raises a variety of types for missing/corrupt/mismatched items
     raise ValueError(f"could not restore parameters from {path}: {type(e).__name__}: {e}") from e
   nnx.replace_by_pure_dict(params, restored)

@@ -756,7 +756,9 @@ def sample_images(model: VAR, vae, classes, *, cfg: float = 1.5, top_k: int = 0,
   numpy in [0, 1]. Sample i uses seed `seed + i`, so results do not depend on batch_size or the mesh.
 
   Batches of `batch_size` (default: all at once, rounded up to the mesh's data-parallel size); the last batch is
-  padded (padding samples are dropped). The compiled sampler is cached across calls with the same setup."""
+  padded (padding samples are dropped). The compiled sampler is cached across calls with the same setup. With a
+  mesh over several processes (jax.distributed), every process calls this with the same arguments, computes
+  its share of each batch and gets all N images back, in order."""
   labels = np.repeat(np.asarray(list(classes), np.int32), num_per_class)
   n = labels.shape[0]
   if n == 0:
@@ -770,6 +772,16 @@ def sample_images(model: VAR, vae, classes, *, cfg: float = 1.5, top_k: int = 0,
   # cfg is a runtime argument: only whether it is 0 (no uncond rows) is part of the compiled setup
   sampling = SamplingConfig(cfg=float(cfg != 0), top_k=top_k, top_p=top_p, temperature=temperature,
                             more_smooth=more_smooth)
+  if mesh is not None and jax.process_count() > 1:
+    # jax cannot device_put an array committed to one local device onto a mesh spanning other processes, but
+    # places host values (the same on every process) anywhere; arrays already spread over the processes (a
+    # training state) stay as they are.
+    def host_values(module):
+      graphdef, state = nnx.split(module)
+      local = lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
+      return nnx.merge(graphdef, jax.tree.map(local, state))
+
+    model, vae = host_values(model), host_values(vae)
   key = (nnx.graphdef(model), nnx.graphdef(vae), sampling, mesh)
   sampler = _SAMPLERS.get(key)
   if sampler is None:
@@ -789,5 +801,9 @@ def sample_images(model: VAR, vae, classes, *, cfg: float = 1.5, top_k: int = 0,
     if pad:
       lab, sd = np.concatenate([lab, np.repeat(lab[-1:], pad)]), np.concatenate([sd, np.repeat(sd[-1:], pad)])
     images = sampler(lab, sd, cfg=cfg)["images"]
+    if jax.process_count() > 1:  # a mesh over several processes: every process gets the whole batch
+      from jax.experimental import multihost_utils
+
+      images = multihost_utils.process_allgather(images, tiled=True)
     out.append(np.asarray(jax.device_get(images))[:batch - pad])
   return np.concatenate(out)

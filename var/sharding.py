@@ -217,8 +217,10 @@ def maybe_initialize_distributed(flag: bool | None = None, environ: Mapping[str,
   """Calls `jax.distributed.initialize()` for multi-host runs; returns whether it did.
 
   It runs when `flag` is True, or when `flag` is None and the environment names a coordinator
-  (JAX_COORDINATOR_ADDRESS; jax then reads JAX_NUM_PROCESSES / JAX_PROCESS_ID too). On Cloud TPU pods and SLURM
-  pass flag=True: jax detects those clusters itself. Must run before anything touches a JAX backend.
+  (JAX_COORDINATOR_ADDRESS). jax reads the address itself; JAX_NUM_PROCESSES and JAX_PROCESS_ID, which jax
+  does not read, are passed on from here, so a plain cluster (or localhost) is launched with three variables
+  and the same command on every host. On Cloud TPU pods, SLURM and other clusters jax detects everything
+  itself: pass flag=True (`--config.distributed=True`). Must run before anything touches a JAX backend.
   """
   environ = os.environ if environ is None else environ
   if flag is None:
@@ -227,7 +229,14 @@ def maybe_initialize_distributed(flag: bool | None = None, environ: Mapping[str,
     return False
   if jax.distributed.is_initialized():
     return False
-  jax.distributed.initialize()
+  kwargs = {}
+  for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if environ.get(key):
+      try:
+        kwargs[arg] = int(environ[key])
+      except ValueError:
+        raise ValueError(f"{key}={environ[key]!r} must be an integer ({arg} of jax.distributed.initialize)") from None
+  jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed initialized: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True

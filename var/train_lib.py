@@ -683,17 +683,36 @@ def _compiled_steps(config, graphdef, shardings, mesh, tok_config=None):
   repl = shd.replicated(mesh)
   if config.stage == "tokenizer":
     train = functools.partial(tokenizer_train_step, graphdef, config=config)
+    train = _skipping_nonfinite(train) if config.skip_nonfinite else train
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding), out_shardings=(shardings, repl),
                          donate_argnums=0)
     evalf = functools.partial(tokenizer_eval_step, graphdef, config=config)
   else:
     train = functools.partial(var_train_step, graphdef, config=config)
+    train = _skipping_nonfinite(train) if config.skip_nonfinite else train
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding, repl, repl),
                          out_shardings=(shardings, repl), donate_argnums=0)
     evalf = functools.partial(var_eval_step, graphdef, config=config)
   eval_step = jax.jit(evalf, in_shardings=(shardings, data_sharding), out_shardings=repl)
   _STEP_CACHE[key] = (train_step, eval_step)
   return train_step, eval_step
+
+
+def _skipping_nonfinite(train_step: Callable) -> Callable:
+  """`train_step` that keeps the old floating-point state (parameters, moments, statistics) when the loss
+  or gradient norm is NaN/inf; integer leaves (the step and optax counters) advance either way, so the data
+  order, the per-step randomness and the schedules stay those of the loop's step. Adds metric `skipped`."""
+
+  def step(state, *args):
+    # A copy of the tree (new Variable objects, same arrays): the step merges `state` into modules and updates
+    # their Variables in place, which would otherwise make `state` the new state too.
+    old_state = jax.tree.map(lambda x: x, state)
+    new_state, metrics = train_step(state, *args)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jnp.where(ok, new, old) if jnp.issubdtype(new.dtype, jnp.floating) else new
+    return jax.tree.map(keep, new_state, old_state), {**metrics, "skipped": (~ok).astype(jnp.int32)}
+
+  return step
 
 
 def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, tok_config=None) -> Setup:
@@ -946,7 +965,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
     workdir: checkpoints (`ckpt/`), metrics (`metrics.jsonl`), sample grids and the final model directory
       (`model/`) go here.
     init_from: a model directory whose parameters initialise the model (fine-tuning); ignored when resuming.
-    stop_after: stop (with a checkpoint) after this many steps of THIS invocation: simulates a killed run.
+    stop_after: stop (with a checkpoint) after this many steps of THIS invocation (a clean stop; the tests
+      also kill runs with SIGKILL).
 
   Returns:
     {"step", "train" (last logged train metrics), "eval" (final held-out metrics), "model_dir", "wall_s"}.
@@ -959,8 +979,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
 
   t0 = time.time()
   workdir = pathlib.Path(workdir).absolute()
-  validate_config(config)
+  # First: jax.distributed.initialize() must run before anything touches a backend (validate_config does).
   shd.maybe_initialize_distributed(True if config.distributed else None)
+  validate_config(config)
   mesh = shd.make_mesh(tuple(config.mesh))
   shd.check_batch_divisible(config.input.batch_size, mesh)
   data.input_config(config.input)  # unknown / invalid input fields fail here
@@ -981,7 +1002,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
   load_frozen_weights(setup, config)
   train_iter = data.make_train_iterator(config.input, seed=config.seed)
   if latest is not None:
-    restore_checkpoint(setup, ckpt, latest, train_iter, config)
+    if ckpt.has_data_state(latest):
+      restore_checkpoint(setup, ckpt, latest, train_iter, config)
+    else:  # saved by another number of processes: each host's shard and position differ, start them afresh
+      logging.warning("checkpoint %s holds no data position for process %d of %d (it was saved by a "
+                      "different number of processes): model and optimizer restored, the data iterators "
+                      "start from the beginning of their shards", ckpt.directory / str(latest),
+                      jax.process_index(), jax.process_count())
+      restore_checkpoint(setup, ckpt, latest, None, config)
     logging.info("resumed from %s", ckpt.directory / str(latest))
   elif init_from:
     init_from_pretrained(setup, config, init_from)
@@ -994,32 +1022,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
              disable=jax.process_index() != 0, mininterval=2.0)
   num_scales = len(tok_config.patch_nums) if tok_config is not None else 0
   pg = config.get("progressive", None)
-  with jax.set_mesh(mesh):
-    for step in range(start, end):
-      batch = shd.shard_batch(next(train_iter), mesh)
-      if config.stage == "var":
-        prog_si, prog_wp = (-1, 1.0) if pg is None else progressive_stage(
-            step, num_scales=num_scales, pg=pg.pg, pg0=pg.pg0, warmup_steps=config.optim.warmup_steps,
-            total_steps=total, pg_warmup_steps=pg.warmup_steps)
-        setup.state, metrics = setup.train_step(setup.state, batch, jnp.asarray(prog_si, jnp.int32),
-                                                jnp.asarray(prog_wp, jnp.float32))
-      else:
-        setup.state, metrics = setup.train_step(setup.state, batch)
-      done = step + 1
-      bar.update(1)
-      if done % config.log_every_steps == 0 or done == end:
-        last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in last_train.values()):
-          raise FloatingPointError(f"non-finite training metrics at step {done}: {last_train}")
-        writer.write(done, "train", last_train)
-        bar.set_postfix({k: f"{last_train[k]:.4g}" for k in ("loss", "psnr", "acc") if k in last_train})
-      if config.eval_every_steps and done % config.eval_every_steps == 0 and done != total:
-        writer.write(done, "eval", evaluate(setup, config))
-      if config.stage == "var" and config.sample_every_steps and done % config.sample_every_steps == 0:
-        write_samples(setup, config, workdir, done)
-      if done % config.ckpt.every_steps == 0 or done == end:
-        ckpt.save(done, _trainable(setup.state, setup.frozen), config=config.to_dict(),
-                  data_iterator=train_iter, force=True)
+  pending = None  # (step, metrics) of the newest step not yet checked for a non-finite loss / grad norm
+  skipped = 0  # steps skipped for non-finite values (config.skip_nonfinite)
+
+  def check(step, metrics):
+    # Reading the previous step's two scalars while the next step runs keeps the device busy; before any
+    # log, evaluation, sample or checkpoint the current step is checked, so a bad state is never saved.
+    nonlocal skipped
+    if config.skip_nonfinite:
+      skipped += int(jax.device_get(metrics["skipped"]))
+      return
+    values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+    for name in ("loss", "grad_norm"):  # in this order (device_get returns the dict sorted by key)
+      value = values[name]
+      if not math.isfinite(float(value)):
+        latest_ok = ckpt.latest_step()
+        raise FloatingPointError(
+            f"step {step}: non-finite training {name} ({float(value)}); stopped without saving this state. "
+            f"The last checkpoint ({ckpt.directory / str(latest_ok) if latest_ok is not None else 'none'}) "
+            "is intact and re-running resumes from it. Lower optim.tblr, check the data, or set "
+            "config.skip_nonfinite=True to skip such steps.")
+
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, end):
+        batch = shd.shard_batch(next(train_iter), mesh)
+        if config.stage == "var":
+          prog_si, prog_wp = (-1, 1.0) if pg is None else progressive_stage(
+              step, num_scales=num_scales, pg=pg.pg, pg0=pg.pg0, warmup_steps=config.optim.warmup_steps,
+              total_steps=total, pg_warmup_steps=pg.warmup_steps)
+          setup.state, metrics = setup.train_step(setup.state, batch, jnp.asarray(prog_si, jnp.int32),
+                                                  jnp.asarray(prog_wp, jnp.float32))
+        else:
+          setup.state, metrics = setup.train_step(setup.state, batch)
+        done = step + 1
+        if pending is not None:
+          check(*pending)
+        pending = (done, metrics)
+        bar.update(1)
+        log_now = done % config.log_every_steps == 0 or done == end
+        eval_now = bool(config.eval_every_steps) and done % config.eval_every_steps == 0 and done != total
+        sample_now = (config.stage == "var" and bool(config.sample_every_steps)
+                      and done % config.sample_every_steps == 0)
+        save_now = done % config.ckpt.every_steps == 0 or done == end
+        if log_now or eval_now or sample_now or save_now:
+          check(*pending)
+          pending = None
+        if log_now:
+          last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if config.skip_nonfinite:
+            last_train["skipped_nonfinite"] = float(skipped)
+          writer.write(done, "train", last_train)
+          bar.set_postfix({k: f"{last_train[k]:.4g}" for k in ("loss", "psnr", "acc") if k in last_train})
+        if eval_now:
+          writer.write(done, "eval", evaluate(setup, config))
+        if sample_now:
+          write_samples(setup, config, workdir, done)
+        if save_now:
+          ckpt.save(done, _trainable(setup.state, setup.frozen), config=config.to_dict(),
+                    data_iterator=train_iter, force=True)
+  except FloatingPointError:
+    ckpt.close()  # the last good checkpoint may still be in flight: let it commit
+    writer.close()
+    raise
   bar.close()
   ckpt.wait()
   if not last_train:  # nothing left to train (re-run of a finished run): report the last logged metrics

@@ -9,7 +9,9 @@ file this script wrote with --save_stats (which turns any input into a reference
 Prints ONE JSON line with every metric and the counts on stdout; progress and warnings go to stderr.
 
 Features are extracted by one jitted function (uint8 batch -> resize/normalise -> Inception) per image size, with
-the batch split over a 1-D mesh of all devices; the last batch is padded so the shape never changes.
+the batch split over a 1-D mesh of all devices; the last batch is padded so the shape never changes. With several
+processes (`--distributed`, or JAX_COORDINATOR_ADDRESS set) the mesh spans every host: each process reads only its
+rows of every batch, the features are gathered onto every process, and process 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from var.eval import inception as inception_lib
 from var.eval import metrics, reference
-from var.eval.preprocess import canonical_mode, preprocess
+from var.eval.preprocess import canonical_mode, preprocess, validate_images
 
 __all__ = ["FEATURE_KEYS", "compute_features", "evaluate", "main", "make_mesh"]
 
@@ -67,24 +70,34 @@ def compute_features(source: reference.ImageSource, model: inception_lib.Incepti
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated weights
+  # replicated weights (from host values, which every process holds: device_put spans all processes' devices)
+  state = jax.device_put(jax.tree.map(np.asarray, state), NamedSharding(mesh, P()))
   data_sharding = NamedSharding(mesh, P("data"))
+  lo, hi = _local_rows(data_sharding, batch_size)  # this process's rows of every global batch
   total = source.num_images if limit is None else min(limit, source.num_images)
   out = {k: [] for k in FEATURE_KEYS}
   pending = None  # (device result, valid count): fetching one batch overlaps computing the previous one
 
   def collect(item):
     result, valid = item
+    if jax.process_count() > 1:  # every process gets every feature: the statistics are computed on each
+      result = multihost_utils.process_allgather(result, tiled=True)
     for k in FEATURE_KEYS:
       out[k].append(np.asarray(result[k])[:valid])
 
-  bar = tqdm(total=total, desc=f"inception {source.name}", unit="img", disable=not progress, file=sys.stderr,
-             leave=False)
-  for batch in source.batches(batch_size, limit=total):
-    valid = len(batch)
-    if valid < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]), np.uint8)])
-    result = _features(graphdef, state, jax.device_put(batch, data_sharding), mode)
+  bar = tqdm(total=total, desc=f"inception {source.name}", unit="img",
+             disable=not progress or jax.process_index() != 0, file=sys.stderr, leave=False)
+  for start in range(0, total, batch_size):
+    valid = min(batch_size, total - start)
+    # Each process reads only its own rows [start + lo, start + hi); rows past the end are zero padding.
+    a, b = min(start + lo, total), min(start + hi, total)
+    rows = source.read(a, b) if b > a else np.zeros((0, *source.image_shape), np.uint8)
+    if b > a:
+      validate_images(rows, f"{source.name}[{a}:{b}]")
+    if len(rows) < hi - lo:
+      rows = np.concatenate([rows, np.zeros((hi - lo - len(rows), *source.image_shape), np.uint8)])
+    batch = jax.make_array_from_process_local_data(data_sharding, rows, (batch_size, *rows.shape[1:]))
+    result = _features(graphdef, state, batch, mode)
     if pending is not None:
       collect(pending)
     pending = (result, valid)
@@ -93,6 +106,18 @@ def compute_features(source: reference.ImageSource, model: inception_lib.Incepti
     collect(pending)
   bar.close()
   return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
+def _local_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """[lo, hi): the rows of a (batch_size, ...) array split by `sharding` that this process's devices hold
+  (contiguous for a 1-D data mesh whose devices are ordered by process, as jax.devices() is)."""
+  spans = sorted({(idx[0].start or 0, idx[0].stop or batch_size)
+                  for idx in sharding.addressable_devices_indices_map((batch_size,)).values()})
+  lo, hi = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"the mesh gives process {jax.process_index()} non-contiguous batch rows {spans}; build it "
+                     "from jax.devices() in their order (var.eval.fid.make_mesh())")
+  return lo, hi
 
 
 def evaluate(sample_feats: dict[str, np.ndarray], ref: reference.ReferenceBatch | None,
@@ -149,12 +174,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--data_dir", help="tfds data_dir for tfds:name/split inputs")
   p.add_argument("--center_crop", type=int, help="ADM center_crop_arr to this size (folder and tfds inputs)")
   p.add_argument("--no_progress", action="store_true", help="no progress bars")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set); every "
+                      "process reads its share of each batch, process 0 prints and writes")
   return p
 
 
 def main(argv: list[str] | None = None) -> dict:
   """Run the evaluator; prints the JSON line and returns it as a dict."""
   args = _parser().parse_args(argv)
+  from var import sharding
+
+  sharding.maybe_initialize_distributed(True if args.distributed else None)  # before any other jax call
   t0 = time.time()
   if args.ref is None and args.save_stats is None:
     raise SystemExit("nothing to do: give --ref (to evaluate) and/or --save_stats (to make a reference batch)")
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.warn(f"{args.ref} has no arr_0 images: precision/recall are not computed", stacklevel=1)
   result = evaluate(sample_feats, ref, ref_feats, is_variant=args.is_variant)
 
-  if args.save_stats:
+  if args.save_stats and jax.process_index() == 0:
     mu, sigma = metrics.feature_statistics(sample_feats["pool3"])
     mu_s, sigma_s = metrics.feature_statistics(sample_feats["spatial"])
     n_keep = min(args.save_images, n_samples)
@@ -189,8 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
                              num_images=n_keep)
     result["saved_stats"] = args.save_stats
   result.update(samples=args.samples, ref=args.ref, preprocess=mode, compute_dtype=args.compute_dtype,
-                inception_weights=str(weights), devices=mesh.devices.size, seconds=round(time.time() - t0, 2))
-  print(json.dumps(result), flush=True)
+                inception_weights=str(weights), devices=mesh.devices.size, processes=jax.process_count(),
+                seconds=round(time.time() - t0, 2))
+  if jax.process_index() == 0:
+    print(json.dumps(result), flush=True)
   return result
 
 
