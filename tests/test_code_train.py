@@ -65,3 +65,98 @@ def test_refiner_kl_and_ce_match_numpy():
   g_teacher = jax.grad(lambda t: code_train.refiner_loss(jnp.asarray(s_logits), t, jnp.asarray(targets),
                                                          jnp.asarray(weights))["loss"])(jnp.asarray(t_logits))
   assert (np.asarray(g_teacher) == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fine-tuning stages end to end: kill-and-resume equals an uninterrupted run
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+  import pathlib
+
+  import train_testlib as tl
+
+  from var import pretrained
+  from var.digits_builder import prepare
+
+  root = tmp_path_factory.mktemp("code_stages")
+  data_dir = prepare(root / "tfds")
+  tok_dir = tl.write_tokenizer_dir(root / "tok")
+  vae, vae_config = pretrained.load_tokenizer(tok_dir)
+  from var import model as var_model
+
+  teacher = var_model.build(var_model.VARConfig(depth=3, width=64, num_heads=4, vocab_size=64, z_channels=8,
+                                                patch_nums=(1, 2, 3, 4), num_classes=10, init_adaln_gamma=0.1),
+                            seed=7)
+  teacher_dir = pretrained.save_pretrained(root / "teacher", tokenizer=vae, tokenizer_config=vae_config,
+                                           var=teacher, var_config=teacher.config)
+  return pathlib.Path(data_dir), tok_dir, pathlib.Path(teacher_dir), root
+
+
+def _stage_config(role, dirs, **overrides):
+  from configs import digits_code
+
+  data_dir, tok_dir, teacher_dir, _ = dirs
+  c = digits_code.get_config(f"role={role},draft_steps=2,runlocal")
+  c.input.data_dir, c.input.resolution, c.tokenizer_dir = str(data_dir), 8, str(tok_dir)
+  c.code.teacher_dir = str(teacher_dir) if role == "refiner" else ""
+  c.model.update(dict(depth=2, width=64, num_heads=4, drop_path_rate=0.1))
+  c.ckpt.async_save = False
+  c.update_from_flattened_dict({"total_steps": 4, "log_every_steps": 1, "ckpt.every_steps": 2, "eval_batches": 1,
+                                "mesh": (2, 2, 2), **overrides})
+  return c
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.mark.parametrize("role", ["drafter", "refiner"])
+def test_stage_kill_and_resume_equals_uninterrupted_run(stage_dirs, role, fast_compiles):
+  import orbax.checkpoint as ocp
+  import train_testlib as tl
+
+  from var import train_lib
+
+  root = stage_dirs[-1] / role
+  config = _stage_config(role, stage_dirs)
+  full = train_lib.train_and_evaluate(config, root / "full")
+  part = train_lib.train_and_evaluate(config, root / "resumed", stop_after=2)
+  assert part["step"] == 2
+  rest = train_lib.train_and_evaluate(config, root / "resumed")
+  assert rest["step"] == 4
+
+  def state(run):
+    return ocp.StandardCheckpointer().restore((root / run / "ckpt" / "4" / "state").absolute())
+
+  assert tl.max_abs_diff(state("full"), state("resumed")) <= 1e-6
+  logs = {run: {r["step"]: r for r in train_lib.read_metrics(root / run) if r["split"] == "train"}
+          for run in ("full", "resumed")}
+  for step in (3, 4):
+    assert abs(logs["full"][step]["loss"] - logs["resumed"][step]["loss"]) <= 1e-6
+  assert logs["full"][1]["loss"] != logs["full"][2]["loss"]
+  assert abs(full["eval"]["loss"] - rest["eval"]["loss"]) <= 1e-6
+  if role == "refiner":  # the draft-token weight at the first and the last of 4 steps; the teacher is not saved
+    assert (logs["full"][1]["draft_weight"], logs["full"][4]["draft_weight"]) == (1.0, 0.0)
+    assert logs["full"][1]["kl"] > 0
+    assert "teacher" not in state("full")
+  assert (root / "resumed" / "model" / "config.json").is_file()
+
+
+def test_stage_config_errors(stage_dirs, tmp_path):
+  import train_testlib as tl
+
+  from var import sharding as shd
+
+  with pytest.raises(ValueError, match="config.code.role='student' must be one of"):
+    code_train.validate(_stage_config("drafter", stage_dirs, **{"code.role": "student"}))
+  with pytest.raises(FileNotFoundError, match="config.code.teacher_dir='' is not a model directory"):
+    code_train.validate(_stage_config("refiner", stage_dirs, **{"code.teacher_dir": ""}))
+  with pytest.raises(ValueError, match="progressive.pg must be 0"):
+    code_train.validate(_stage_config("drafter", stage_dirs, **{"progressive.pg": 0.5}))
+  other = tl.write_tokenizer_dir(tmp_path / "other_tok", seed=3)  # same config, other weights
+  with pytest.raises(ValueError, match="same tokenizer config but different tokenizer weights"):
+    code_train.load_teacher(_stage_config("refiner", stage_dirs, tokenizer_dir=str(other)), shd.make_mesh((8, 1, 1)))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from flax import nnx
@@ -150,8 +150,9 @@ def tokenizer_checksum(vae) -> str:
   return h.hexdigest()
 
 
-def _with_dtype(var, config, dtype: str | None):
-  """The same weights with another activation dtype (a config field, so the model is rebuilt abstractly)."""
+def with_dtype(var, config, dtype: str | None):
+  """The same weights with another activation dtype (a config field, so the model is rebuilt abstractly)
+  -> (VAR, VARConfig); no-op when dtype is None or already the model's."""
   if not dtype or dtype == config.dtype:
     return var, config
   from var.model import VAR
@@ -163,6 +164,26 @@ def _with_dtype(var, config, dtype: str | None):
   return fresh, config
 
 
+def check_shared_tokenizer(dir_a: str | os.PathLike, dir_b: str | os.PathLike,
+                           names: tuple[str, str] = (DRAFTER, REFINER)):
+  """Raises a ValueError unless two model directories hold the same tokenizer (config and weights checksum);
+  returns the first directory's (VQVAE, VQVAEConfig). `names` say what the directories are in the error."""
+  from var import pretrained
+
+  where = f"{names[0]} {os.fspath(dir_a)} and {names[1]} {os.fspath(dir_b)}"
+  tok_a, tok_b = (pretrained.read_config(d)["tokenizer"] for d in (dir_a, dir_b))
+  diff = sorted(k for k in set(tok_a) | set(tok_b) if tok_a.get(k) != tok_b.get(k))
+  if diff:
+    raise ValueError(f"{where} have different tokenizer configs (fields {diff}: "
+                     f"{[(tok_a.get(k), tok_b.get(k)) for k in diff]}); CoDe needs both VARs on the same tokenizer")
+  vae, vae_config = pretrained.load_tokenizer(dir_a)
+  sums = tokenizer_checksum(vae), tokenizer_checksum(pretrained.load_tokenizer(dir_b)[0])
+  if sums[0] != sums[1]:
+    raise ValueError(f"{where} have the same tokenizer config but different tokenizer weights (checksum "
+                     f"{sums[0][:12]} vs {sums[1][:12]}); CoDe needs both VARs trained on the same tokenizer")
+  return vae, vae_config
+
+
 def load_pair(drafter_dir: str | os.PathLike, refiner_dir: str | os.PathLike, *, dtype: str | None = None):
   """Loads a CoDe pair from two model directories -> ({"drafter": VAR, "refiner": VAR}, VQVAE, VQVAEConfig).
 
@@ -172,42 +193,19 @@ def load_pair(drafter_dir: str | os.PathLike, refiner_dir: str | os.PathLike, *,
   from var import pretrained
   from var.model import VARConfig
 
-  metas = {}
+  configs = {}
   for role, directory in ((DRAFTER, drafter_dir), (REFINER, refiner_dir)):
     meta = pretrained.read_config(directory)
     if not isinstance(meta.get("var"), dict):
       raise ValueError(f"the {role} directory {directory} holds no VAR transformer (tokenizer only)")
-    metas[role] = meta
-  where = f"drafter {os.fspath(drafter_dir)} and refiner {os.fspath(refiner_dir)}"
+    configs[role] = VARConfig.from_dict(meta["var"])
   try:
-    check_pair(VARConfig.from_dict(metas[DRAFTER]["var"]), VARConfig.from_dict(metas[REFINER]["var"]))
+    check_pair(configs[DRAFTER], configs[REFINER])
   except ValueError as e:
-    raise ValueError(f"{where}: {e}") from None
-  tok_d, tok_r = metas[DRAFTER]["tokenizer"], metas[REFINER]["tokenizer"]
-  diff = sorted(k for k in set(tok_d) | set(tok_r) if tok_d.get(k) != tok_r.get(k))
-  if diff:
-    raise ValueError(f"{where} have different tokenizer configs (fields {diff}: "
-                     f"{[(tok_d.get(k), tok_r.get(k)) for k in diff]}); CoDe needs both VARs on the same tokenizer")
-  vae, vae_config = pretrained.load_tokenizer(drafter_dir)
-  other, _ = pretrained.load_tokenizer(refiner_dir)
-  sums = tokenizer_checksum(vae), tokenizer_checksum(other)
-  if sums[0] != sums[1]:
-    raise ValueError(f"{where} have the same tokenizer config but different tokenizer weights (checksum "
-                     f"{sums[0][:12]} vs {sums[1][:12]}); CoDe needs both VARs "
-                     "trained on the same tokenizer")
-  del other
+    raise ValueError(f"drafter {os.fspath(drafter_dir)} and refiner {os.fspath(refiner_dir)}: {e}") from None
+  vae, vae_config = check_shared_tokenizer(drafter_dir, refiner_dir)
   models = {}
   for role, directory in ((DRAFTER, drafter_dir), (REFINER, refiner_dir)):
     var, config = pretrained.load_var(directory)
-    models[role], _ = _with_dtype(var, config, dtype)
+    models[role], _ = with_dtype(var, config, dtype)
   return models, vae, vae_config
-
-
-def pair_summary(models: Mapping[str, object]) -> dict[str, dict[str, int]]:
-  """Depth, width and KV-cache bytes per sample (cond + uncond rows, full sequence) of each model of a pair."""
-  out = {}
-  for role, m in models.items():
-    c = m.config
-    out[role] = dict(depth=c.depth, width=c.width,
-                     kv_bytes_per_sample=2 * 2 * c.depth * c.seq_len * c.width * np.dtype(c.dtype).itemsize)
-  return out
