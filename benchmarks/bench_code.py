@@ -11,6 +11,15 @@ included. Prints JSON lines:
   --memory_gb, else d24, and says which and why;
 * "sample": per (batch, plan) compile seconds, images/s, the compiled temp bytes (XLA memory analysis: KV caches
   and activations), and CoDe's images/s ratio over the drafter alone measured in the same run.
+Digits quality (`--digits`): models trained on the embedded UCI digits with the same tokenizer (configs/digits_var.py
+at depth 8 and depth 4, configs/digits_code.py for the fine-tuned pair), judged by var/eval/digits_quality.py
+(class accuracy of the generated digits, Frechet distance in the judge's feature space) for: the large model
+alone, the small one alone, training-free CoDe at every N in --draft_steps_list (default 2..S-1), and the
+fine-tuned pair (--drafter_ft / --refiner_ft) at --ft_draft_steps:
+
+  python -m benchmarks.bench_code --digits --large workdir/var_d8/model --small workdir/var_d4/model \
+      [--drafter_ft workdir/code_drafter/model --refiner_ft workdir/code_refiner/model --ft_draft_steps 2]
+
 --quick: a smoke run on tiny random models (depth 4 / width 128 drafter, depth 2 / width 64 refiner, 64-token
 vocabulary, the small fixture VQVAE at 64px on the 10-scale schedule), batches 2 and 4, one timed run: it checks
 the benchmark runs, its numbers are not CoDe's figures.
@@ -63,6 +72,43 @@ def _time(sampler, batch: int, iters: int) -> float:
   return best
 
 
+def digits_quality(args) -> None:
+  """The digits quality table (module docstring): one JSON line per setting."""
+  from var.eval.digits_quality import DigitsJudge
+
+  models, vae, vae_config = code.load_pair(args.large, args.small)
+  s = len(vae_config.patch_nums)
+  ns = (list(range(2, s)) if not args.draft_steps_list
+        else [int(n) for n in args.draft_steps_list.split(",") if n])
+  sampling = sampler_lib.SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+  labels = np.repeat(np.arange(10), args.num_per_class)
+  seeds = (args.seed + np.arange(labels.size)).astype(np.uint32)
+  judge = DigitsJudge.train(resolution=vae_config.image_size, seed=0, crop_scale=args.crop_scale)
+
+  def run(name, drafter, refiner, n):
+    t0 = time.perf_counter()
+    sampler = code.code_sampler(drafter, refiner, vae, draft_steps=n, batch=labels.size, sampling=sampling,
+                                temperatures=None)
+    images = np.asarray(sampler(labels, seeds)["images"])
+    rep = judge.report(images, labels)
+    print(json.dumps({"bench": "code", "kind": "digits", "quick": args.quick, "setting": name, "draft_steps": n,
+                      "accuracy": rep["accuracy"], "fd": rep["fd"], "fd_real_same_n": rep["fd_real_same_n"],
+                      "judge_test_accuracy": rep["judge_test_accuracy"], "num_images": int(labels.size),
+                      "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+
+  d, r = models["drafter"], models["refiner"]
+  run("large alone", d, r, s)
+  run("small alone", d, r, 0)
+  for n in ns:
+    run("CoDe training-free", d, r, n)
+  if args.drafter_ft:
+    ft, _, _ = code.load_pair(args.drafter_ft, args.refiner_ft)
+    code.check_shared_tokenizer(args.drafter_ft, args.large, names=("fine-tuned drafter", "large model"))
+    run("CoDe fine-tuned", ft["drafter"], ft["refiner"], args.ft_draft_steps)
+    if args.ft_draft_steps not in ns:  # the training-free pair at the same N, for the comparison
+      run("CoDe training-free", d, r, args.ft_draft_steps)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--drafter", default="auto", choices=["auto", "d30", "d24", "d20"])
@@ -73,7 +119,24 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=2)
   p.add_argument("--memory_gb", type=float, default=24.0)
   p.add_argument("--quick", action="store_true", help="tiny models (a smoke run, not for reporting)")
+  p.add_argument("--digits", action="store_true", help="the digits quality table instead of the speed benchmark")
+  p.add_argument("--large", help="--digits: model directory of the large VAR (the drafter)")
+  p.add_argument("--small", help="--digits: model directory of the small VAR (the refiner)")
+  p.add_argument("--drafter_ft", help="--digits: the fine-tuned drafter's model directory (code_drafter)")
+  p.add_argument("--refiner_ft", help="--digits: the fine-tuned refiner's model directory (code_refiner)")
+  p.add_argument("--ft_draft_steps", type=int, default=2, help="--digits: N the fine-tuned pair was trained for")
+  p.add_argument("--draft_steps_list", default="", help="--digits: comma-separated N (default 2..S-1)")
+  p.add_argument("--num_per_class", type=int, default=20)
+  p.add_argument("--cfg", type=float, default=1.5)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=0.0)
+  p.add_argument("--crop_scale", type=float, default=1.125, help="--digits: the generator's input crop_scale")
+  p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  if args.digits:
+    if not (args.large and args.small) or bool(args.drafter_ft) != bool(args.refiner_ft):
+      p.error("--digits needs --large and --small, and --drafter_ft with --refiner_ft")
+    return digits_quality(args)
   batches = [int(b) for b in args.batch_sizes.split(",") if b]
 
   if args.quick:
