@@ -13,6 +13,7 @@ from var import code, official, pretrained
 from var import model as var_model
 from var import sampler as sampler_lib
 from var.model import PATCH_NUMS_256
+from var.plan import SelectStep
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,6 +144,26 @@ def test_drafter_cache_freed_at_the_hand_over(tiny_pair, tiny_samplers):
   drafter_cache = 2 * c.depth * 2 * B * c.seq_len * c.width * 4  # k and v, cond + uncond rows, float32
   temp = {k: tiny_samplers[k]._compiled[(B, False)].memory_analysis().temp_size_in_bytes for k in (2, "refiner")}
   assert temp[2] < temp["refiner"] + drafter_cache // 4, (temp, drafter_cache)
+
+
+def test_search_before_the_hand_over_prefills_the_survivors(tiny_pair, tiny_samplers):
+  """CoDe composed with candidate selection (TTS-VAR style) in the drafter phase: 4 candidates, 2 kept after scale
+  1, hand-over at scale 2. The refiner's prefill builds its cache for the survivors only; its logits equal its
+  teacher-forced logits on their drafted tokens."""
+  drafter, refiner, vae = tiny_pair
+  plan = code.code_plan((1, 2, 3, 4), B, 2).replace(1, select=SelectStep("pick", 2))
+  plan = plan.replace(2, batch=2).replace(3, batch=2)
+  hooks = sampler_lib.SamplerHooks(select={"pick": lambda ctx, key: jnp.asarray([3, 1])})
+  s = sampler_lib.Sampler({"drafter": drafter, "refiner": refiner}, vae,
+                          sampler_lib.SamplingConfig(cfg=1.5, top_k=8, top_p=0.9), plan=plan, hooks=hooks,
+                          return_logits=True)
+  labels, seeds = np.array([1, 5, 9, 10]), np.arange(B) + 7
+  out = jax.device_get(s(labels, seeds))
+  plain = jax.device_get(tiny_samplers[2](labels, seeds))
+  np.testing.assert_array_equal(out["tokens"][:, :5], plain["tokens"][[3, 1], :5])  # the drafted scales 0, 1
+  x = vae.idx_to_var_input(vae.split_tokens(jnp.asarray(out["tokens"])))
+  np.testing.assert_allclose(out["cond_logits"][:, 5:], refiner(jnp.asarray(labels[[3, 1]]), x)[:, 5:], atol=1e-5,
+                             rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
