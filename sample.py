@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mask", default=None, help="box y0,x0,y1,x1 in [0, 1] image fractions for --image")
   p.add_argument("--edit", default="outpaint", choices=["outpaint", "inpaint"],
                  help="outpaint: keep the image inside the box; inpaint: regenerate the box")
+  p.add_argument("--kv_budget", default=None, help="ScaleKV KV-cache budget: a percentage of the longest re-read "
+                 "prefix (10%%), a token count, or a budget JSON from python -m var.kvcompress calibrate")
+  p.add_argument("--kv_scorer", default="paper", choices=["paper", "reference"],
+                 help="ScaleKV scores: softmax weights of the true queries (paper) or raw logits (official code)")
+  p.add_argument("--kv_pooling", default="avg", choices=["avg", "max"], help="ScaleKV score pooling (kernel 5)")
+  p.add_argument("--kv_dtype", default=None, choices=["float32", "bfloat16"],
+                 help="KV-cache dtype (default: the activation dtype); bfloat16 halves the cache bytes")
+  p.add_argument("--prune", default=None, help="FastVAR: SCALE:RATIO,... (scale indices; ratio 1 skips a trailing "
+                 "scale) or 'default' for the measured schedule of the model's patch_nums")
+  p.add_argument("--prune_layers", default=None, help="FastVAR pruned layers A:B (default: every layer)")
+  p.add_argument("--prune_cache_scale", type=int, default=None,
+                 help="FastVAR restoration scale (default: the scale before the first pruned one)")
   p.add_argument("--refiner", default=None, help="CoDe: model directory of a small refiner VAR on the same "
                  "tokenizer as --checkpoint (the drafter); the drafter draws the first --draft_steps scales")
   p.add_argument("--draft_steps", type=int, default=None, help="CoDe: scales drawn by the drafter (0..S; default "
@@ -132,14 +144,16 @@ def run(args: argparse.Namespace) -> dict:
   batch = args.batch_size or -(-min(n, 32) // devices) * devices
   if batch % devices:
     raise ValueError(f"--batch_size {batch} is not divisible by the {devices} devices; use a multiple of {devices}")
+  plan = _build_plan(args, meta["var"], batch)  # technique options are checked before anything loads or compiles
   sampling = sampler.SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                     temperature=args.temperature, more_smooth=args.more_smooth)
 
   t0 = time.perf_counter()
-  plan = None
   if args.refiner is not None:  # CoDe: --checkpoint is the drafter
     from var import code
 
+    if plan is not None:
+      raise ValueError("--kv_budget / --prune do not compose with --refiner in sample.py yet; drop one of them")
     var, vae, vae_config = code.load_pair(args.checkpoint, args.refiner, dtype=args.dtype)
     patch_nums = vae_config.patch_nums
     draft_steps = len(patch_nums) - 2 if args.draft_steps is None else args.draft_steps
@@ -166,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     edit_args = {k: np.repeat(np.asarray(v), batch, axis=0) for k, v in one.items()}
 
   mesh = shd.make_mesh((devices, 1, 1)) if devices > 1 else None
-  s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan)
+  s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan, kv_dtype=args.kv_dtype)
   compile_s = s.compile(batch, edit=edit_args is not None)
 
   seeds = (args.seed + np.arange(n)).astype(np.uint32)
@@ -197,6 +211,21 @@ def run(args: argparse.Namespace) -> dict:
   return {"num_images": n, "batch_size": batch, "devices": devices, "load_s": load_s, "compile_s": compile_s,
           "sample_s": sample_s, "images_per_s": n / sample_s, "grid": grid_path, "trace_count": s.trace_count,
           "npz": os.path.join(args.out, "samples.npz")}
+
+
+def _build_plan(args: argparse.Namespace, var_meta: dict, batch: int):
+  """The ScalePlan of the technique flags (None = the plain sampler)."""
+  from var import plan as plan_lib
+  from var.model import VARConfig
+
+  if args.kv_budget is None and args.prune is None:
+    if args.prune_layers is not None or args.prune_cache_scale is not None:
+      raise ValueError("--prune_layers / --prune_cache_scale need --prune")
+    return None
+  config = VARConfig.from_dict(var_meta)
+  return plan_lib.build(config, batch, cfg=args.cfg, kv_budget=args.kv_budget, prune=args.prune,
+                        prune_layers=args.prune_layers, prune_cache_scale=args.prune_cache_scale,
+                        kv_options=plan_lib.KVOptions(scorer=args.kv_scorer, pooling=args.kv_pooling))
 
 
 def _save_grid(u8: np.ndarray, path: str, cols: int) -> str:

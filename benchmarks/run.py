@@ -17,6 +17,7 @@ BENCHMARKS = {
     "train": ("benchmarks.bench_train", ["--models=tiny", "--steps=1"]),
     "sample": ("benchmarks.bench_sample", ["--quick"]),
     "inception": ("benchmarks.bench_inception", ["--iters", "1", "--batch_sizes", "50"]),
+    "techniques": ("benchmarks.bench_techniques", ["--quick", "--setting", "speed"]),
 }
 
 

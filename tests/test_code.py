@@ -287,6 +287,7 @@ def test_sample_cli_code_flags(pair_dirs, tiny_samplers, tmp_path):
                        (["--code_temperatures"], "CoDe options"),
                        (["--refiner", str(pair_dirs["refiner"]), "--draft_steps", "7"],
                         "draft_steps=7 is out of range for the 4-scale schedule"),
-                       (["--refiner", str(pair_dirs["vocab"])], r"vocabulary \(vocab_size 64 vs 32\)")):
+                       (["--refiner", str(pair_dirs["vocab"])], r"vocabulary \(vocab_size 64 vs 32\)"),
+                       (["--refiner", str(pair_dirs["refiner"]), "--prune", "default"], "do not compose with")):
     with pytest.raises(ValueError, match=match):
       sample.run(sample.build_parser().parse_args(base + extra + ["--out", str(tmp_path / "x")]))

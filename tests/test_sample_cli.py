@@ -97,3 +97,28 @@ def test_cli_errors(model_dir, tmp_path):
   with pytest.raises(SystemExit, match="holds no VAR transformer"):
     sample.main(_args(bad, out))
   assert not out.exists()
+
+
+def test_technique_flags(model_dir, tmp_path):
+  """FastVAR through the CLI (T1: prune its last scale, restore from scale 2) and every bad technique option failing
+  before anything is loaded or compiled."""
+  out = tmp_path / "pruned"
+  args = sample.build_parser().parse_args(_args(model_dir, out, "--classes", "3,0", "--num_per_class", "4",
+                                                "--top_k", "5", "--prune", "3:0.5", "--kv_dtype", "bfloat16"))
+  summary = sample.run(args)
+  assert summary["num_images"] == 8 and summary["trace_count"] == 1
+  assert np.load(out / "samples.npz")["arr_0"].shape == (8, 16, 16, 3)
+  bad = tmp_path / "bad"
+  cases = [(["--kv_budget", "10%"], "below the observation window"),
+           (["--kv_budget", "40"], "exceeds the full cache"),
+           (["--prune", "3:1.5"], r"outside \[0, 1\]"),
+           (["--prune", "0:0.5"], "scale 0 cannot be pruned"),
+           (["--prune", "7:0.5"], "out of range"),
+           (["--prune", "3:0.5", "--prune_cache_scale", "3"], "is itself pruned"),
+           (["--prune", "3:0.5", "--prune_layers", "0:5"], "outside the 2-layer model"),
+           (["--prune", "2:1.0"], "only trailing scales"),
+           (["--prune_layers", "0:1"], "need --prune")]
+  for extra, match in cases:
+    with pytest.raises(SystemExit, match=match):
+      sample.main(_args(model_dir, bad, "--classes", "1", "--top_k", "5", *extra))
+  assert not bad.exists()

@@ -284,18 +284,27 @@ class AdaLNSelfAttn(nnx.Module):
       return (self.ada_gss[...][0] + cond).astype(cond.dtype)
     return self.ada_lin(cond).reshape(-1, 6, self.width)
 
+  def attn_branch(self, x: jax.Array, mod: jax.Array, *, attn_bias: jax.Array | None = None,
+                  kv_fn: KVFn | None = None, probe: Probe | None = None) -> jax.Array:
+    """What the attention sub-layer adds to the residual stream x (B, n, C): gamma1 * attn(AdaLN(x)).
+    mod (B, 1, 6, C) = modulation(cond)[:, None]."""
+    h = layer_norm(x, self.eps) * (1 + mod[:, :, 2]) + mod[:, :, 4]
+    return self.attn(h, attn_bias, kv_fn, probe) * mod[:, :, 0]
+
+  def ffn_branch(self, x: jax.Array, mod: jax.Array) -> jax.Array:
+    """What the FFN sub-layer adds to the residual stream x (B, n, C): gamma2 * ffn(AdaLN(x))."""
+    h = layer_norm(x, self.eps) * (1 + mod[:, :, 3]) + mod[:, :, 5]
+    return self.ffn(h) * mod[:, :, 1]
+
   def __call__(self, x: jax.Array, cond: jax.Array, *, attn_bias: jax.Array | None = None,
                drop_rate=0.0, rng: jax.Array | None = None, kv_fn: KVFn | None = None,
                probe: Probe | None = None) -> jax.Array:
     """x (B, n, C); cond as in `modulation`; rng (per layer) enables drop path; kv_fn / probe see
-    SelfAttention."""
-    mod = self.modulation(cond)[:, None]  # (B, 1, 6, C)
-    gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, :, i] for i in range(6))
+    SelfAttention. The sampler calls the two branches itself (token pruning runs them on a subset)."""
+    mod = self.modulation(cond)[:, None]  # (B, 1, 6, C) = gamma1, gamma2, scale1, scale2, shift1, shift2
     rng_attn, rng_ffn = (None, None) if rng is None else tuple(jax.random.split(rng))
-    h = layer_norm(x, self.eps) * (1 + scale1) + shift1
-    x = x + drop_path(self.attn(h, attn_bias, kv_fn, probe) * gamma1, drop_rate, rng_attn)
-    h = layer_norm(x, self.eps) * (1 + scale2) + shift2
-    x = x + drop_path(self.ffn(h) * gamma2, drop_rate, rng_ffn)
+    x = x + drop_path(self.attn_branch(x, mod, attn_bias=attn_bias, kv_fn=kv_fn, probe=probe), drop_rate, rng_attn)
+    x = x + drop_path(self.ffn_branch(x, mod), drop_rate, rng_ffn)
     return x
 
 

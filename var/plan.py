@@ -14,12 +14,17 @@ never rewritten for them. Per scale `si` the loop does, in this order:
 2. `cfg_on`: True runs 2B rows (cond rows 0..B-1, then uncond rows B..2B-1) and mixes the logits with the CFG ramp;
    False runs only the B cond rows (their logits are used as is). Once off it stays off (the uncond cache rows are
    not maintained any more; SkipVAR's "cond-only tail").
-3. `prune`: None runs every token of the scale. A `PruneStep` (FastVAR: keep count, pruned layers, restoration
-   cache scale) makes the loop call `hooks.scale_forward` instead of the plain cached forward for this scale.
+3. `prune`: None runs every token of the scale. A `PruneStep` (FastVAR, var/pruning.py) forwards only `keep` of
+   the scale's tokens in the layers [first, last) (pivotal token selection before each sub-layer; the other
+   tokens get the same layer's branch output recorded at scale `cache_scale`, area-upsampled), and those layers
+   append only the kept tokens' keys/values to their cache. `skip=True` (a prune ratio of 1) runs no transformer
+   at the scale and draws no tokens (its tokens read -1); only trailing scales can be skipped, the image is the
+   decode of f_hat after the last executed scale.
 4. `kv_capacity`: None keeps the whole cache. A per-layer tuple of ints = the number of cached tokens each layer
-   keeps AFTER this scale (ScaleKV). The loop calls `hooks.compress_kv(cache, lens, si, step)`, which returns the
-   cache with every layer's kept tokens first; the loop then tracks every layer's static valid length, writes the
-   next scale's keys/values right after them and masks the unused slots.
+   keeps AFTER this scale (ScaleKV, var/kvcompress.py, options in `ScalePlan.kv`): right after a layer's
+   attention, its cache [held ; this scale] is cut to that many tokens (the observation window always kept, the
+   rest by score, per row and head). Every layer's cache is an array of exactly its own length: layers of equal
+   length form one run, scanned over its own stacked cache; nothing is masked.
 5. `select`: None keeps all candidates. A `SelectStep(kind, keep)` calls `hooks.select[kind](ctx, key)` after the
    scale; it returns `keep` row indices, or `(indices, carry)` where `carry` is a pytree of per-candidate arrays
    (leading axis = the current batch; e.g. a reward history) that the loop gathers with the rows and hands to the
@@ -43,11 +48,35 @@ from collections.abc import Sequence
 
 @dataclasses.dataclass(frozen=True)
 class PruneStep:
-  """FastVAR cached token pruning at one scale: forward `keep` of the scale's tokens in `layers`, restore the
-  rest from the branch outputs cached at scale `cache_scale`."""
+  """FastVAR cached token pruning at one scale: forward `keep` of the scale's tokens in the layers
+  [first, last), restore the rest from the branch outputs recorded at scale `cache_scale`."""
   keep: int
-  layers: tuple[int, ...]
+  first: int
+  last: int
   cache_scale: int
+
+  @property
+  def layers(self) -> range:
+    return range(self.first, self.last)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVOptions:
+  """How ScaleKV scores the cached tokens (spec ACCELERATION.md 2.4; var/kvcompress.py).
+
+  scorer 'paper': softmax attention weights of the true queries (the paper); 'reference': raw logits of the
+  un-normalised queries (the official code). pooling 'avg' (the paper) | 'max' (the official code), kernel odd."""
+  scorer: str = "paper"
+  pooling: str = "avg"
+  kernel: int = 5
+
+  def __post_init__(self):
+    if self.scorer not in ("paper", "reference"):
+      raise ValueError(f"kv scorer {self.scorer!r}: use 'paper' or 'reference'")
+    if self.pooling not in ("avg", "max"):
+      raise ValueError(f"kv pooling {self.pooling!r}: use 'avg' or 'max'")
+    if self.kernel < 1 or self.kernel % 2 == 0:
+      raise ValueError(f"kv pooling kernel {self.kernel} must be a positive odd number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +97,13 @@ class ScaleStep:
   kv_capacity: tuple[int, ...] | None = None
   select: SelectStep | None = None
   temperature: float | None = None
+  skip: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalePlan:
   steps: tuple[ScaleStep, ...]
+  kv: KVOptions = KVOptions()
 
   def __len__(self) -> int:
     return len(self.steps)
@@ -104,7 +135,7 @@ class ScalePlan:
     """A copy with the given fields of step si changed."""
     steps = list(self.steps)
     steps[si] = dataclasses.replace(steps[si], **fields)
-    return ScalePlan(tuple(steps))
+    return dataclasses.replace(self, steps=tuple(steps))
 
   def validate(self, patch_nums: Sequence[int], depths: dict[str, int], hooks=None) -> None:
     """Raises a ValueError naming the bad step and the fix when the plan cannot run."""
@@ -127,15 +158,24 @@ class ScalePlan:
       if seen_off and step.cfg_on:
         raise ValueError(f"{where}: cfg_on switches back on after being off; the uncond cache rows are gone")
       seen_off |= not step.cfg_on
-      if step.prune is not None and (hooks is None or hooks.scale_forward is None):
-        raise ValueError(f"{where}: prune={step.prune} needs SamplerHooks.scale_forward (e.g. from a FastVAR "
-                         "module)")
+      if step.skip:
+        if si == 0:
+          raise ValueError(f"{where}: scale 0 cannot be skipped (nothing would be drawn)")
+        if any(not later.skip for later in self.steps[si + 1:]):
+          raise ValueError(f"{where}: only trailing scales can be skipped (a later scale is not); skip every "
+                           "scale from here on, or prune this one with a ratio < 1")
+        if step.prune or step.kv_capacity or step.select:
+          raise ValueError(f"{where}: a skipped scale runs nothing; drop its prune / kv_capacity / select")
+      if step.prune is not None:
+        self._validate_prune(si, step, pn, depths[step.model], where)
       if step.kv_capacity is not None:
         if len(step.kv_capacity) != depths[step.model]:
           raise ValueError(f"{where}: kv_capacity has {len(step.kv_capacity)} entries for a "
                            f"{depths[step.model]}-layer model")
-        if hooks is None or hooks.compress_kv is None:
-          raise ValueError(f"{where}: kv_capacity needs SamplerHooks.compress_kv (e.g. from a ScaleKV module)")
+        if si == len(self.steps) - 1:
+          raise ValueError(f"{where}: no compression after the last scale (nothing reads that cache); drop it")
+        if min(step.kv_capacity) < 1:
+          raise ValueError(f"{where}: kv_capacity {step.kv_capacity} has a capacity below 1")
       if step.temperature is not None and not step.temperature > 0:
         raise ValueError(f"{where}: temperature {step.temperature} must be > 0 (or None for the sampler's)")
       if step.select is not None:
@@ -143,3 +183,99 @@ class ScalePlan:
           raise ValueError(f"{where}: select keeps {step.select.keep} of {step.batch} candidates")
         if hooks is None or step.select.kind not in hooks.select:
           raise ValueError(f"{where}: select kind {step.select.kind!r} has no function in SamplerHooks.select")
+
+  def _validate_prune(self, si: int, step: ScaleStep, pn: int, depth: int, where: str) -> None:
+    p = step.prune
+    if not 0 <= p.first < p.last <= depth:
+      raise ValueError(f"{where}: pruned layers {p.first}:{p.last} are outside the {depth}-layer model; use "
+                       f"A:B with 0 <= A < B <= {depth}")
+    if not 1 <= p.keep <= pn * pn:
+      raise ValueError(f"{where}: prune keeps {p.keep} of {pn * pn} tokens; keep 1..{pn * pn} (skip the scale "
+                       "to keep none)")
+    cs = p.cache_scale
+    if not 0 < cs < si:
+      raise ValueError(f"{where}: prune cache scale {cs} must be an earlier scale > 0 (the scale whose branch "
+                       "outputs restore the pruned tokens)")
+    src = self.steps[cs]
+    if src.prune is not None or src.skip:
+      raise ValueError(f"{where}: prune cache scale {cs} is itself pruned or skipped; its branch outputs must "
+                       "come from a full forward")
+    if any(self.steps[j].model != step.model for j in range(cs, si + 1)):
+      raise ValueError(f"{where}: the prune cache scale {cs} must be run by the same model with no model switch "
+                       "in between")
+    for j in range(si):
+      other = self.steps[j].prune
+      if other is not None and (other.cache_scale, other.first, other.last) != (cs, p.first, p.last):
+        raise ValueError(f"{where}: every pruned scale must share one cache scale and layer range (scale {j} "
+                         f"uses {other.cache_scale} / {other.first}:{other.last})")
+
+
+def build(config, batch: int, *, cfg: float = 1.5, kv_budget=None, kv_options: KVOptions = KVOptions(),
+          prune=None, prune_layers=None, prune_cache_scale: int | None = None, model: str = "main") -> ScalePlan:
+  """A plan from technique options, validated before anything is compiled.
+
+  config: the VARConfig (patch_nums, depth); batch: candidates; cfg: 0 turns the uncond rows off.
+  kv_budget (ScaleKV): None (full cache) | "10%" / 0.1 (of the longest re-read prefix) | a token count | a
+    budget JSON path (var.kvcompress: uniform or calibrated drafter/refiner capacities).
+  prune (FastVAR): None | "default" (var.pruning.default_schedule) | {scale index: ratio} | "SCALE:RATIO,...";
+    ratio 0 leaves a scale unpruned, 1 skips it (trailing scales only).
+  prune_layers: "A:B" or (A, B), the pruned layers [A, B) (default: the schedule's, else every layer);
+  prune_cache_scale: the scale whose branch outputs restore pruned tokens (default: the one before the first
+    pruned scale).
+
+  e.g. build(var.config, 8, kv_budget="10%", prune={8: 0.5, 9: 0.75})."""
+  from var import kvcompress, pruning
+
+  patch_nums, depth = tuple(config.patch_nums), config.depth
+  num_scales = len(patch_nums)
+  plan = ScalePlan.plain(num_scales, batch, cfg)
+  plan = dataclasses.replace(plan, kv=kv_options, steps=tuple(dataclasses.replace(s, model=model) for s in plan.steps))
+  if kv_budget is not None:
+    budget = kvcompress.parse_budget(kv_budget)
+    if budget.path is not None:
+      caps = kvcompress.load_budgets(budget.path, depth, patch_nums)
+    else:
+      caps = kvcompress.uniform_capacities(patch_nums, depth, budget)
+    for si, cap in caps.items():
+      plan = plan.replace(si, kv_capacity=tuple(int(c) for c in cap))
+  if prune is not None:
+    if prune == "default":
+      sched = pruning.default_schedule(patch_nums, depth)
+      ratios = sched["ratios"]
+      layers = pruning.parse_layers(prune_layers, depth) if prune_layers is not None else sched["layers"]
+      cache_scale = sched["cache_scale"] if prune_cache_scale is None else prune_cache_scale
+    else:
+      ratios = pruning.parse_prune(prune)
+      layers = pruning.parse_layers(prune_layers, depth)
+      cache_scale = prune_cache_scale
+    for si in ratios:
+      if not 0 <= si < num_scales:
+        raise ValueError(f"prune scale {si} is out of range: the model has scales 0..{num_scales - 1} "
+                         f"(patch_nums {patch_nums})")
+      if si == 0:
+        raise ValueError("prune scale 0 cannot be pruned (its single map is what every later scale builds on); "
+                         "prune later scales")
+    pruned = sorted(si for si, r in ratios.items() if r > 0)
+    if pruned:
+      if cache_scale is None:
+        cache_scale = pruned[0] - 1
+      if not 0 < cache_scale < num_scales:
+        raise ValueError(f"prune cache scale {cache_scale} is out of range: use a scale in 1..{pruned[0] - 1}")
+      if cache_scale in pruned:
+        raise ValueError(f"prune cache scale {cache_scale} is itself pruned; the cache scale must run every token "
+                         "(use a scale before the first pruned one)")
+      if cache_scale > pruned[0]:
+        raise ValueError(f"prune cache scale {cache_scale} comes after the pruned scale {pruned[0]}; use a scale "
+                         f"before it (e.g. {pruned[0] - 1})")
+    for si in pruned:
+      pn = patch_nums[si]
+      if ratios[si] >= 1.0:
+        plan = plan.replace(si, skip=True, kv_capacity=None)
+      else:
+        keep = pruning.keep_count(pn * pn, ratios[si])
+        plan = plan.replace(si, prune=PruneStep(keep=keep, first=layers[0], last=layers[1], cache_scale=cache_scale))
+    last_run = max((si for si in range(num_scales) if not plan[si].skip), default=0)
+    if last_run < num_scales - 1 and plan[last_run].kv_capacity is not None:
+      plan = plan.replace(last_run, kv_capacity=None)  # nothing reads the cache after the last executed scale
+  plan.validate(patch_nums, {model: depth})
+  return plan

@@ -3,8 +3,10 @@
 One `jax.jit` function per static sampling setup (SamplingConfig, ScalePlan, batch, edit on/off):
 * a Python loop over the scales (every scale has its own static token count),
 * `lax.scan` over the stacked layers inside each scale,
-* a preallocated KV cache per model, (depth, rows, L, heads, head_dim), written in place with
-  `dynamic_update_slice` and read back as a static prefix; CFG doubles the rows (cond rows, then uncond rows),
+* a KV cache per model that follows the plan: layers of equal cached length form a run with one stacked array
+  (layers, rows, T, heads, head_dim) of exactly that length, scanned together; a layer attends over its own
+  cached tokens plus the current scale and nothing else (ScaleKV capacities and FastVAR's shorter appends give
+  layers different lengths, and shorter arrays); CFG doubles the rows (cond rows, then uncond rows),
 * CFG ramp t = cfg * si / (S - 1), logits (1 + t) cond - t uncond; top-k (ties kept) then top-p masking,
   temperature, the official `more_smooth` Gumbel-softmax option,
 * next-scale input through the tokenizer's exact area/bicubic resampling, and the final decode to [0, 1] images.
@@ -18,16 +20,17 @@ The static per-scale decisions (batch, model, cfg on/off, pruning, KV capacity, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from var import editing
+from var import editing, kvcompress, pruning
 from var.model import VAR, block_causal_bias
 from var.plan import ScalePlan
 
@@ -57,14 +60,15 @@ class SamplerHooks:
     (B, P, P, Cvae), 'tokens' (list of (B, pn^2)), 'labels' (B,), 'decode' (f_hat -> images (B, H, W, 3) in
     [0, 1]) and 'carry' (the per-candidate pytree the previous select returned, gathered to the kept rows; None
     before the first select).
-  scale_forward(model, x, block_cond, cache, lens, si, step) -> (h (R, n, C), cache, lens): replaces the plain
-    cached forward on steps with `prune` set.
-  compress_kv(cache, lens, si, step) -> cache: compacts every layer l to step.kv_capacity[l] tokens (kept tokens
-    first); the loop then treats only those as valid.
+  compress_kv(q, k, v, cap, positions, query_rows, *, logit_scale, q_raw) -> (k, v, index): one layer's cache
+    cut to `cap` tokens per row and head after its attention (default: var.kvcompress.select_kv with the plan's
+    KVOptions).
+  pruned_block(block, x, mod, keep, restore_attn, restore_ffn, *, kv_fn, probe) -> x: one block at a pruned
+    scale (default: var.pruning.pruned_block).
   """
   select: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
-  scale_forward: Callable | None = None
   compress_kv: Callable | None = None
+  pruned_block: Callable | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,63 +119,238 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The cached transformer forward of one scale
+# The KV cache: runs of layers of equal length, each an array of exactly its own size
 
-def new_cache(model: VAR, rows: int) -> dict[str, jax.Array]:
-  """Zero KV cache (depth, rows, L, heads, head_dim) in the model's activation dtype."""
-  c = model.config
-  shape = (c.depth, rows, c.seq_len, c.num_heads, c.head_dim)
-  return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
+@struct.dataclass
+class CacheRun:
+  """The cached keys/values of the layers [start, stop) of one model, every layer holding the same number of
+  tokens T: k, v (stop - start, R, T, H, hd). R = rows (2B with CFG: cond rows, then uncond rows)."""
+  k: jax.Array
+  v: jax.Array
+  start: int = struct.field(pytree_node=False)
+  stop: int = struct.field(pytree_node=False)
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
 
 
-def cached_forward(model: VAR, x: jax.Array, block_cond: jax.Array, cache: dict[str, jax.Array],
-                   lens: tuple[int, ...], attn_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """Runs all blocks on x (R, n, C) for the first R cache rows: layer l writes its keys/values at its valid length
-  lens[l] (dynamic_update_slice) and attends to the static prefix [0, max(lens) + n) read back from the updated
-  cache (positions past its own lens[l] + n are masked).
+@struct.dataclass
+class ModelState:
+  """What the loop carries for one model between scales: its KV cache (runs covering every layer, or None
+  before the first scale) and, for FastVAR, the branch outputs recorded at the cache scale for the pruned layers
+  ({'attn', 'ffn'}: (last - first, R, n*, C)). Every array has the layer axis first and the row axis second."""
+  runs: tuple[CacheRun, ...] | None = None
+  restore: dict | None = None
 
-  attn_bias (n, max(lens) + n) is only needed for a multi-scale prefill (block-causal); a single scale attends to
-  everything cached plus itself, like the official KV-cached inference."""
-  graphdef, state = nnx.split(model.blocks)
-  r, n, _ = x.shape
-  depth, _, _, heads, hd = cache["k"].shape
-  read = max(lens) + n
-  if len(set(lens)) > 1:  # per-layer capacities (ScaleKV): mask each layer's unused slots
-    pos = jnp.arange(read)
-    valid = pos[None, :] < (jnp.asarray(lens)[:, None] + n)  # (depth, read)
-    layer_bias = jnp.where(valid, 0.0, -jnp.inf)[:, None, :]  # (depth, 1, read)
-  else:
-    layer_bias = jnp.zeros((depth, 1, 0))
 
-  def body(carry, xs):
-    h, k_all, v_all = carry
-    layer_state, layer, offset, lbias = xs
-    block = nnx.merge(graphdef, layer_state)
+def held_lengths(state: ModelState, depth: int) -> tuple[int, ...]:
+  """Tokens every layer holds before the next scale."""
+  if state.runs is None:
+    return (0,) * depth
+  out = []
+  for run in state.runs:
+    out += [run.length] * (run.stop - run.start)
+  return tuple(out)
+
+
+def kv_layout(state: ModelState) -> list[tuple[int, int, tuple[int, ...], str]]:
+  """(start, stop, k shape, dtype) of every cache run: what is allocated between two scales."""
+  return [(r.start, r.stop, tuple(r.k.shape), str(r.k.dtype)) for r in (state.runs or ())]
+
+
+def kv_bytes(state: ModelState) -> int:
+  """Bytes of the keys and values the cache holds."""
+  return sum(2 * r.k.size * r.k.dtype.itemsize for r in (state.runs or ()))
+
+
+def _layers_of(runs: tuple[CacheRun, ...], start: int, stop: int) -> tuple[jax.Array, jax.Array]:
+  """k, v of the layers [start, stop) (they have one length), slicing / joining the runs that hold them."""
+  ks, vs = [], []
+  for r in runs:
+    lo, hi = max(start, r.start), min(stop, r.stop)
+    if lo < hi:
+      whole = (lo, hi) == (r.start, r.stop)
+      ks.append(r.k if whole else r.k[lo - r.start:hi - r.start])
+      vs.append(r.v if whole else r.v[lo - r.start:hi - r.start])
+  if len(ks) == 1:
+    return ks[0], vs[0]
+  return jnp.concatenate(ks), jnp.concatenate(vs)
+
+
+def _runs(keys: Sequence) -> list[tuple[int, int]]:
+  """Contiguous [start, stop) runs of equal keys."""
+  out, start = [], 0
+  for i in range(1, len(keys) + 1):
+    if i == len(keys) or keys[i] != keys[start]:
+      out.append((start, i))
+      start = i
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleForward:
+  """The static description of one scale's transformer pass for one model (built by the loop from the plan).
+
+  n: tokens of the scale (pn^2; x may be longer for a model's prefill: the scale's tokens are x's last n);
+  side: pn; emit: keep a cache for the next scale; prune: the PruneStep or None; capacity: per-layer tokens kept
+  after the scale (None = all); record: (first, last) layers whose branch outputs are recorded (FastVAR cache
+  scale) or None; cache_side: the cache scale's pn (pruned scales)."""
+  n: int
+  side: int
+  emit: bool
+  prune: Any = None
+  capacity: tuple[int, ...] | None = None
+  record: tuple[int, int] | None = None
+  cache_side: int = 0
+
+
+def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelState, spec: ScaleForward, *,
+                  hooks: SamplerHooks, kv_options, kv_dtype, attn_bias: jax.Array | None = None,
+                  kv_index: list | None = None) -> tuple[jax.Array, ModelState]:
+  """Runs all blocks on x (R, m, C) over the model's cache -> (h (R, m, C), the state for the next scale).
+
+  Layers are grouped into runs of equal (cached length, pruned or not, capacity after the scale, recorded or
+  not); each run is one `lax.scan` over its own stacked cache, the layer's weights indexed inside the body, so
+  compile time does not grow with depth. A layer attends over [its cached tokens ; this call's tokens] and no
+  more; with a capacity it keeps that many of them (ScaleKV) right after its attention; a pruned layer forwards
+  and appends only the kept tokens (FastVAR)."""
+  graphdef, params = nnx.split(model.blocks)
+  depth, dtype = model.config.depth, model.config.compute_dtype
+  held = held_lengths(state, depth)
+  m = x.shape[1]
+  prune = spec.prune
+  pruned = [prune is not None and prune.first <= layer < prune.last for layer in range(depth)]
+  caps = []
+  for layer in range(depth):
+    total = held[layer] + (prune.keep if pruned[layer] else m)
+    cap = spec.capacity[layer] if spec.capacity is not None else None
+    caps.append(cap if spec.emit and cap is not None and cap < total else None)
+  rec = [spec.record is not None and spec.record[0] <= layer < spec.record[1] for layer in range(depth)]
+  keys = list(zip(held, pruned, caps, rec, strict=True))
+  compress = hooks.compress_kv
+  if compress is None and any(c is not None for c in caps):
+    compress = functools.partial(kvcompress.select_kv, scorer=kv_options.scorer, pooling=kv_options.pooling,
+                                 kernel=kv_options.kernel)
+  prune_fn = hooks.pruned_block or pruning.pruned_block
+
+  h = x.astype(dtype)
+  new_runs, recorded = [], {"attn": [], "ffn": []}
+  for start, stop in _runs(keys):
+    held_t, is_pruned, cap, is_rec = keys[start]
+    k_old, v_old = _layers_of(state.runs, start, stop) if held_t else (None, None)
+    restore, window = None, None
+    if is_pruned:
+      restore = jax.tree.map(lambda a, lo=start - prune.first, hi=stop - prune.first: a[lo:hi], state.restore)
+    if cap is not None:
+      if is_pruned:  # the kept tokens come in PTS order: the most pivotal ones are the observation window
+        w = min(kvcompress.WINDOW_SIZE, prune.keep)
+        window = (np.arange(held_t, held_t + w), np.arange(w))
+      else:
+        positions, query_rows = kvcompress.window_positions(spec.side, spec.side, held_t + m - spec.n)
+        window = (positions, query_rows + (m - spec.n))
+    run = _LayerRun(graphdef=graphdef, params=params, spec=spec, pruned=is_pruned, capacity=cap, record=is_rec,
+                    window=window, compress=compress, prune_fn=prune_fn, kv_dtype=kv_dtype)
+    h, ys = jax.lax.scan(functools.partial(run.body, block_cond=block_cond, attn_bias=attn_bias, m=m), h,
+                         (jnp.arange(start, stop), k_old, v_old, restore))
+    if spec.emit:
+      new_runs.append(CacheRun(ys["k"], ys["v"], start, stop))
+    if kv_index is not None and "index" in ys:
+      kv_index.append((start, stop, ys["index"]))
+    if is_rec:
+      recorded["attn"].append(ys["attn"])
+      recorded["ffn"].append(ys["ffn"])
+  new_state = ModelState(runs=_merge_runs(new_runs) if spec.emit else None, restore=state.restore)
+  if spec.record is not None:
+    new_state = new_state.replace(restore={k: jnp.concatenate(v) for k, v in recorded.items()})
+  return h, new_state
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerRun:
+  """One run of layers inside `forward_scale`: `body` is the lax.scan body over its layers."""
+  graphdef: Any
+  params: Any
+  spec: ScaleForward
+  pruned: bool
+  capacity: int | None
+  record: bool
+  window: tuple | None  # (positions, query_rows) of the ScaleKV observation window
+  compress: Callable | None
+  prune_fn: Callable
+  kv_dtype: Any
+
+  def body(self, h, xs, *, block_cond, attn_bias, m):
+    layer, k_old, v_old, restore = xs  # k_old, v_old (R, T, H, hd) or None; restore {'attn', 'ffn'} or None
+    block = nnx.merge(self.graphdef, jax.tree.map(lambda a: a[layer], self.params))
+    mod = block.modulation(block_cond)[:, None]  # (R, 1, 6, C)
     box = {}
 
-    def kv_fn(k, v):  # (R, n, H, hd)
-      box["k"] = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, offset, 0, 0))
-      box["v"] = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, offset, 0, 0))
-      if read == n:  # nothing cached yet: attend to this call's keys (reading them back made XLA copy the cache)
-        return k, v
-      size = (1, r, read, heads, hd)
-      k_read = jax.lax.dynamic_slice(box["k"], (layer, 0, 0, 0, 0), size)[0].astype(k.dtype)
-      v_read = jax.lax.dynamic_slice(box["v"], (layer, 0, 0, 0, 0), size)[0].astype(v.dtype)
-      return k_read, v_read
+    def kv_fn(k, v):  # this call's keys/values (R, n', H, hd) -> what the layer attends over
+      if k_old is not None:
+        k = jnp.concatenate([k_old.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([v_old.astype(v.dtype), v], axis=1)
+      box["k"], box["v"] = k, v
+      return k, v
 
-    bias = attn_bias
-    if lbias.shape[-1]:
-      bias = lbias if bias is None else bias + lbias
-    h = block(h, block_cond, attn_bias=bias, kv_fn=kv_fn)
-    return (h, box["k"], box["v"]), None
+    probe = (lambda **kw: box.update(kw)) if self.capacity is not None else None
+    ys, spec = {}, self.spec
+    if self.pruned:
+      up = {name: pruning.upsample_branch(a, spec.side) for name, a in restore.items()}
+      h = self.prune_fn(block, h, mod, spec.prune.keep, up["attn"], up["ffn"], kv_fn=kv_fn, probe=probe)
+    else:
+      attn = block.attn_branch(h, mod, attn_bias=attn_bias, kv_fn=kv_fn, probe=probe)
+      h = h + attn
+      ffn = block.ffn_branch(h, mod)
+      h = h + ffn
+      if self.record:
+        ys["attn"], ys["ffn"] = attn[:, m - spec.n:], ffn[:, m - spec.n:]
+    if spec.emit:
+      k, v = box["k"], box["v"]
+      if self.capacity is not None:
+        positions, query_rows = self.window
+        k, v, ys["index"] = self.compress(box["q"], k, v, self.capacity, positions, query_rows,
+                                          logit_scale=box["logit_scale"], q_raw=box["q_raw"])
+      ys["k"], ys["v"] = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
+    return h, ys
 
-  xs = (state, jnp.arange(depth), jnp.asarray(lens, jnp.int32), layer_bias)
-  (h, k_all, v_all), _ = jax.lax.scan(body, (x.astype(model.config.compute_dtype), cache["k"], cache["v"]), xs)
-  return h, {"k": k_all, "v": v_all}
+
+def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth: int) -> list[tuple[int, ...]]:
+  """Per scale, the tokens every layer of the scale's model holds BEFORE it (what `forward_scale` finds), from
+  the plan alone. A model switch starts from an empty cache (its prefill covers every earlier token)."""
+  out, held, prev = [], (0,) * depth, None
+  ends = np.cumsum([p * p for p in patch_nums])
+  for si, step in enumerate(plan.steps):
+    n = patch_nums[si] ** 2
+    if step.model != prev and si > 0:
+      held, n = (0,) * depth, int(ends[si])
+    out.append(held)
+    prev = step.model
+    if step.skip:
+      continue
+    p = step.prune
+    total = [h + (p.keep if p is not None and p.first <= layer < p.last else n) for layer, h in enumerate(held)]
+    if step.kv_capacity is not None:
+      total = [min(t, c) for t, c in zip(total, step.kv_capacity, strict=True)]
+    held = tuple(total)
+  return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The sampling loop
+def _merge_runs(runs: list[CacheRun]) -> tuple[CacheRun, ...]:
+  """Adjacent runs of equal length become one (fewer scans at the next scale)."""
+  out: list[CacheRun] = []
+  for r in runs:
+    if out and out[-1].length == r.length and out[-1].stop == r.start:
+      prev = out.pop()
+      r = CacheRun(jnp.concatenate([prev.k, r.k]), jnp.concatenate([prev.v, r.v]), prev.start, r.stop)
+    out.append(r)
+  return tuple(out)
+
+
+def _rows(tree, idx: jax.Array):
+  """Keeps the given rows (axis 1: layer axis first) of every array of a ModelState."""
+  return jax.tree.map(lambda a: jnp.take(a, idx, axis=1), tree)
+
 
 def _take_rows(tree, idx):
   return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), tree)
@@ -179,14 +358,19 @@ def _take_rows(tree, idx):
 
 def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Array, *, sampling: SamplingConfig,
                 plan: ScalePlan, hooks: SamplerHooks | None = None, edit: Mapping[str, jax.Array] | None = None,
-                cfg: jax.Array | float | None = None, return_logits: bool = False) -> dict[str, Any]:
+                cfg: jax.Array | float | None = None, return_logits: bool = False, kv_dtype=None,
+                layout: list | None = None) -> dict[str, Any]:
   """The traced sampler body (call it inside jit). labels (B,) int (num_classes = unconditional), seeds (B,)
   uint32; edit = {'tokens': (B, L) int, 'mask': (B, P, P) float, 1 = keep the given tokens}; cfg (a traced scalar
-  is fine) overrides sampling.cfg, so one executable serves every guidance scale.
+  is fine) overrides sampling.cfg, so one executable serves every guidance scale. kv_dtype: the cache's dtype
+  (default: each model's activation dtype). `layout`, if given, receives per scale the model's cache runs
+  (kv_layout) held after it: the allocated cache, known at trace time.
 
-  Returns {'images': (B', H, W, 3) in [0, 1], 'tokens': (B', L) int32, 'f_hat': (B', P, P, Cvae)} (B' = the plan's
-  output batch); with return_logits also 'logits' (B', L, V), the CFG-mixed logits the tokens were drawn from,
-  and 'cond_logits', the conditional rows' raw logits."""
+  Returns {'images': (B', H, W, 3) in [0, 1], 'tokens': (B', L) int32 (-1 on skipped scales), 'f_hat':
+  (B', P, P, Cvae)} (B' = the plan's output batch); with return_logits also 'logits' (B', L, V), the CFG-mixed
+  logits the tokens were drawn from (zeros on skipped scales), 'cond_logits', the conditional rows' raw logits,
+  and 'kv_index': {si: {"first:last": (layers, R, cap, H) int32}}, the positions every compressed run kept
+  (indices into the layer's cache [held ; this scale])."""
   hooks = hooks or SamplerHooks()
   guidance = sampling.cfg if cfg is None else cfg
   mcfg = models[plan[0].model].config
@@ -197,14 +381,13 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
   codebook = vae.quantize.codebook()
   cvae, p = mcfg.z_channels, patch_nums[-1]
 
-  caches = {name: new_cache(m, 2 * b if plan[0].cfg_on else b) for name, m in models.items()
-            if name in plan.models}
-  lens = {name: (0,) * models[name].config.depth for name in caches}  # static valid length per layer
+  states = {name: ModelState() for name in plan.models}
   f_hat = jnp.zeros((b, p, p, cvae), jnp.float32)
   x_hist: list[jax.Array] = []  # next-scale inputs (B, pn^2, Cvae) of scales 1.. (a new model's prefill)
   tokens: list[jax.Array] = []
   logits_out: list[jax.Array] = []
   cond_logits_out: list[jax.Array] = []
+  kv_index_out: dict[int, list] = {}
   base_keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
   edit_tokens = None if edit is None else _split_tokens(edit["tokens"], patch_nums)
   prev_model = None
@@ -212,33 +395,53 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
 
   for si, (step, pn) in enumerate(zip(plan.steps, patch_nums, strict=True)):
     beg, end = begin_ends[si]
+    if step.skip:  # FastVAR ratio 1: nothing runs, nothing is drawn
+      tokens.append(jnp.full((b, pn * pn), -1, jnp.int32))
+      if return_logits:
+        zeros = jnp.zeros((b, pn * pn, mcfg.vocab_size), jnp.float32)
+        logits_out.append(zeros)
+        cond_logits_out.append(zeros)
+      if layout is not None:
+        layout.append({})
+      continue
     ratio = si / (s - 1) if s > 1 else 0.0
     model = models[step.model]
     all_labels = jnp.concatenate([labels, null]) if step.cfg_on else labels
     cond = model.condition(all_labels)
     block_cond = model.block_condition(cond)
-    cache, mlens = caches[step.model], lens[step.model]
+    nxt_step = plan[si + 1] if si < s - 1 else None
+    later = [plan[j] for j in range(si + 1, s)]
+    record = None
+    for ls in later:  # the FastVAR cache scale: record the branch outputs a later pruned scale restores from
+      if ls.model != step.model:
+        break
+      if ls.prune is not None and ls.prune.cache_scale == si:
+        record = (ls.prune.first, ls.prune.last)
+    spec = ScaleForward(n=pn * pn, side=pn, prune=step.prune, capacity=step.kv_capacity, record=record,
+                        emit=nxt_step is not None and not nxt_step.skip and nxt_step.model == step.model,
+                        cache_side=patch_nums[step.prune.cache_scale] if step.prune else 0)
+    kv_index = [] if return_logits else None
+    kw = dict(hooks=hooks, kv_options=plan.kv, kv_index=kv_index,
+              kv_dtype=jnp.dtype(kv_dtype) if kv_dtype is not None else model.config.compute_dtype)
 
     if step.model != prev_model and si > 0:
-      # hand-over to another model: prefill its cache over every token so far with the block-causal mask
+      # hand-over to another model: one block-causal pass over every token so far builds its own cache; the
+      # previous model's cache is not carried further (its buffers die here)
+      for name in states:
+        if name != step.model:
+          states[name] = ModelState()
       parts = [model.first_tokens(cond)] + [
         model.embed_scale(_dup(xh, step.cfg_on), begin_ends[j + 1][0]) for j, xh in enumerate(x_hist)]
       x = jnp.concatenate(parts, axis=1)  # (R, end, C)
       bias = jnp.asarray(block_causal_bias(patch_nums)[:end, :end])
-      h, cache = cached_forward(model, x, block_cond, cache, (0,) * model.config.depth, attn_bias=bias)
+      h, states[step.model] = forward_scale(model, x, block_cond, ModelState(), spec, attn_bias=bias, **kw)
       h = h[:, beg:]
-      mlens = (end,) * model.config.depth
     else:
       x = model.first_tokens(cond) if si == 0 else model.embed_scale(_dup(x_hist[-1], step.cfg_on), beg)
-      if step.prune is not None:
-        h, cache, mlens = hooks.scale_forward(model, x, block_cond, cache, mlens, si, step)
-      else:
-        h, cache = cached_forward(model, x, block_cond, cache, mlens)
-        mlens = tuple(length + (end - beg) for length in mlens)
-    if step.kv_capacity is not None:
-      cache = hooks.compress_kv(cache, mlens, si, step)
-      mlens = tuple(min(length, c) for length, c in zip(mlens, step.kv_capacity, strict=True))
+      h, states[step.model] = forward_scale(model, x, block_cond, states[step.model], spec, **kw)
     prev_model = step.model
+    if kv_index:
+      kv_index_out[si] = {f"{a}:{z}": idx for a, z, idx in kv_index}
 
     logits = model.logits(h, cond)  # (R, pn^2, V)
     if return_logits:
@@ -261,10 +464,9 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
     if si < s - 1:
       x_hist.append(nxt.reshape(b, -1, cvae))
 
-    # drop the uncond rows of every cache when CFG switches off from the next scale on
-    caches[step.model], lens[step.model] = cache, mlens
-    if si < s - 1 and step.cfg_on and not plan[si + 1].cfg_on:
-      caches = {k: _cache_rows(c, jnp.arange(b)) for k, c in caches.items()}
+    # drop the uncond rows of every model's state when CFG switches off from the next scale on
+    if nxt_step is not None and step.cfg_on and not nxt_step.cfg_on:
+      states = {k: _rows(st, jnp.arange(b)) for k, st in states.items()}
 
     if step.select is not None:
       ctx = dict(si=si, f_hat=f_hat, tokens=list(tokens), labels=labels,
@@ -275,9 +477,9 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
       keep_idx = keep_idx.astype(jnp.int32)
       if select_carry is not None:
         select_carry = _take_rows(select_carry, keep_idx)
-      cfg_rows = step.cfg_on if si == s - 1 else plan[si + 1].cfg_on
+      cfg_rows = step.cfg_on if nxt_step is None else nxt_step.cfg_on
       row_idx = jnp.concatenate([keep_idx, keep_idx + b]) if cfg_rows else keep_idx
-      caches = {k: _cache_rows(c, row_idx) for k, c in caches.items()}
+      states = {k: _rows(st, row_idx) for k, st in states.items()}
       f_hat, labels, base_keys = _take_rows((f_hat, labels, base_keys), keep_idx)
       tokens, x_hist, logits_out, cond_logits_out = (
         _take_rows(lst, keep_idx) for lst in (tokens, x_hist, logits_out, cond_logits_out))
@@ -286,18 +488,16 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
         edit_tokens = _take_rows(edit_tokens, keep_idx)
       b = step.select.keep
       null = null[:b]
+    if layout is not None:
+      layout.append({name: kv_layout(st) for name, st in states.items() if st.runs is not None})
 
   images = (vae.fhat_to_img(f_hat) + 1) / 2
   out = {"images": images, "tokens": jnp.concatenate(tokens, axis=1), "f_hat": f_hat}
   if return_logits:
     out["logits"] = jnp.concatenate(logits_out, axis=1)
     out["cond_logits"] = jnp.concatenate(cond_logits_out, axis=1)
+    out["kv_index"] = kv_index_out
   return out
-
-
-def _cache_rows(cache: dict[str, jax.Array], rows: jax.Array) -> dict[str, jax.Array]:
-  """Keeps the given rows (axis 1) of a (depth, rows, L, H, hd) cache."""
-  return {k: jnp.take(a, rows, axis=1) for k, a in cache.items()}
 
 
 def _dup(x: jax.Array, cfg_on: bool) -> jax.Array:
@@ -326,7 +526,7 @@ class Sampler:
 
   def __init__(self, var: VAR | Mapping[str, VAR], vae, sampling: SamplingConfig = SamplingConfig(), *,
                plan: ScalePlan | None = None, hooks: SamplerHooks | None = None, mesh=None,
-               return_logits: bool = False):
+               return_logits: bool = False, kv_dtype: str | None = None):
     self.models = {"main": var} if isinstance(var, VAR) else dict(var)
     main = self.models.get("main", next(iter(self.models.values())))
     self.config = main.config
@@ -346,6 +546,11 @@ class Sampler:
       raise ValueError(f"top_k={sampling.top_k} exceeds the vocabulary size {self.config.vocab_size}")
     self.sampling, self.plan, self.hooks, self.mesh = sampling, plan, hooks or SamplerHooks(), mesh
     self.return_logits = return_logits
+    if kv_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"kv_dtype {kv_dtype!r}: use 'float32' or 'bfloat16' (None: the model's activation dtype)")
+    self.kv_dtype = kv_dtype
+    # per batch size: per scale, {model: [(first layer, last layer, k shape, dtype)]} of the cache held after it
+    self.kv_layouts: dict[int, list[dict]] = {}
     if plan is None and "main" not in self.models:
       raise ValueError(f"models {sorted(self.models)}: without a plan one of them must be named 'main'")
     if plan is not None:
@@ -397,8 +602,24 @@ class Sampler:
     var_states, vae_state = states
     models = {k: nnx.merge(self._graphdefs[k], var_states[k]) for k in self._graphdefs}
     vae = nnx.merge(self._vae_graphdef, vae_state)
+    layout = self.kv_layouts[labels.shape[0]] = []
     return sample_loop(models, vae, labels, seeds, sampling=self.sampling, plan=self.plan_for(labels.shape[0]),
-                       hooks=self.hooks, edit=edit, cfg=cfg, return_logits=self.return_logits)
+                       hooks=self.hooks, edit=edit, cfg=cfg, return_logits=self.return_logits,
+                       kv_dtype=self.kv_dtype, layout=layout)
+
+  def kv_bytes_per_scale(self, batch: int) -> list[int]:
+    """Bytes of the KV cache held after every scale (all models), from the traced program's arrays; compile or
+    call the sampler for this batch size first."""
+    if batch not in self.kv_layouts:
+      raise ValueError(f"the sampler has not been compiled for batch {batch}; call compile({batch}) first")
+    out = []
+    for per_model in self.kv_layouts[batch]:
+      total = 0
+      for runs in per_model.values():
+        for _, _, shape, dtype in runs:
+          total += 2 * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+      out.append(total)
+    return out
 
   def _inputs(self, labels, seeds, edit, cfg=None):
     labels = np.asarray(labels, np.int32).reshape(-1)
