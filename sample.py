@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prune_layers", default=None, help="FastVAR pruned layers A:B (default: every layer)")
   p.add_argument("--prune_cache_scale", type=int, default=None,
                  help="FastVAR restoration scale (default: the scale before the first pruned one)")
+  p.add_argument("--refiner", default=None, help="CoDe: model directory of a small refiner VAR on the same "
+                 "tokenizer as --checkpoint (the drafter); the drafter draws the first --draft_steps scales")
+  p.add_argument("--draft_steps", type=int, default=None, help="CoDe: scales drawn by the drafter (0..S; default "
+                 "S - 2, i.e. 8 on the 256px schedule)")
+  p.add_argument("--code_temperatures", action="store_true", help="CoDe's per-scale temperatures (1.1 on the "
+                 "first 70%% of the scales, then 1.0) instead of --temperature")
   p.add_argument("--grid_cols", type=int, default=None, help="columns of grid.png (default: num_per_class, or 8)")
   p.add_argument("--compilation_cache", default=os.path.expanduser("~/.cache/var-jax/jax"),
                  help="persistent XLA compilation cache directory ('' = off)")
@@ -117,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
 
   if args.num_per_class < 1:
     raise ValueError(f"--num_per_class {args.num_per_class} must be >= 1")
+  if args.refiner is None and (args.draft_steps is not None or args.code_temperatures):
+    raise ValueError("--draft_steps and --code_temperatures are CoDe options: give the refiner with --refiner DIR")
   if (args.image is None) != (args.mask is None):
     raise ValueError("--image and --mask go together (zero-shot editing needs both)")
   box = _parse_box(args.mask) if args.mask else None
@@ -141,8 +149,19 @@ def run(args: argparse.Namespace) -> dict:
                                     temperature=args.temperature, more_smooth=args.more_smooth)
 
   t0 = time.perf_counter()
-  var, var_config, vae, vae_config = pretrained.load_pretrained(args.checkpoint)
-  if args.dtype and args.dtype != var_config.dtype:
+  if args.refiner is not None:  # CoDe: --checkpoint is the drafter
+    from var import code
+
+    if plan is not None:
+      raise ValueError("--kv_budget / --prune do not compose with --refiner in sample.py yet; drop one of them")
+    var, vae, vae_config = code.load_pair(args.checkpoint, args.refiner, dtype=args.dtype)
+    patch_nums = vae_config.patch_nums
+    draft_steps = len(patch_nums) - 2 if args.draft_steps is None else args.draft_steps
+    temps = code.code_temperatures(len(patch_nums)) if args.code_temperatures else None
+    plan = code.code_plan(patch_nums, batch, draft_steps, args.cfg, temps)
+  else:
+    var, var_config, vae, vae_config = pretrained.load_pretrained(args.checkpoint)
+  if args.refiner is None and args.dtype and args.dtype != var_config.dtype:
     from var.model import VAR
 
     var_config = var_config.__class__(**{**var_config.to_dict(), "dtype": args.dtype})

@@ -687,6 +687,11 @@ def _compiled_steps(config, graphdef, shardings, mesh, tok_config=None):
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding), out_shardings=(shardings, repl),
                          donate_argnums=0)
     evalf = functools.partial(tokenizer_eval_step, graphdef, config=config)
+  elif config.get("code"):  # CoDe fine-tuning (var/code_train.py): a VAR-stage run with another step
+    from var import code_train
+
+    train_step = code_train.compiled_train_step(config, graphdef, shardings, mesh)
+    evalf = functools.partial(var_eval_step, graphdef, config=config)
   else:
     train = functools.partial(var_train_step, graphdef, config=config)
     train = _skipping_nonfinite(train) if config.skip_nonfinite else train
