@@ -144,7 +144,10 @@ def run(args: argparse.Namespace) -> dict:
   batch = args.batch_size or -(-min(n, 32) // devices) * devices
   if batch % devices:
     raise ValueError(f"--batch_size {batch} is not divisible by the {devices} devices; use a multiple of {devices}")
-  plan = _build_plan(args, meta["var"], batch)  # technique options are checked before anything loads or compiles
+  if args.refiner is None:
+    plan = _build_plan(args, meta["var"], batch)  # technique options are checked before anything loads or compiles
+  else:
+    plan = _build_code_plan(args, meta["var"], batch)
   sampling = sampler.SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                     temperature=args.temperature, more_smooth=args.more_smooth)
 
@@ -152,13 +155,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.refiner is not None:  # CoDe: --checkpoint is the drafter
     from var import code
 
-    if plan is not None:
-      raise ValueError("--kv_budget / --prune do not compose with --refiner in sample.py yet; drop one of them")
     var, vae, vae_config = code.load_pair(args.checkpoint, args.refiner, dtype=args.dtype)
-    patch_nums = vae_config.patch_nums
-    draft_steps = len(patch_nums) - 2 if args.draft_steps is None else args.draft_steps
-    temps = code.code_temperatures(len(patch_nums)) if args.code_temperatures else None
-    plan = code.code_plan(patch_nums, batch, draft_steps, args.cfg, temps)
   else:
     var, var_config, vae, vae_config = pretrained.load_pretrained(args.checkpoint)
   if args.refiner is None and args.dtype and args.dtype != var_config.dtype:
@@ -226,6 +223,29 @@ def _build_plan(args: argparse.Namespace, var_meta: dict, batch: int):
   return plan_lib.build(config, batch, cfg=args.cfg, kv_budget=args.kv_budget, prune=args.prune,
                         prune_layers=args.prune_layers, prune_cache_scale=args.prune_cache_scale,
                         kv_options=plan_lib.KVOptions(scorer=args.kv_scorer, pooling=args.kv_pooling))
+
+
+def _build_code_plan(args: argparse.Namespace, drafter_meta: dict, batch: int):
+  """CoDe's plan (drafter --checkpoint, refiner --refiner), with ScaleKV / FastVAR applied in the refiner phase."""
+  from var import code, pretrained
+  from var import plan as plan_lib
+  from var.model import VARConfig
+
+  drafter = VARConfig.from_dict(drafter_meta)
+  refiner_meta = pretrained.read_config(args.refiner).get("var")
+  if not isinstance(refiner_meta, dict):
+    raise ValueError(f"--refiner {args.refiner} holds no VAR transformer")
+  refiner = VARConfig.from_dict(refiner_meta)
+  patch_nums = drafter.patch_nums
+  draft_steps = len(patch_nums) - 2 if args.draft_steps is None else args.draft_steps
+  temps = code.code_temperatures(len(patch_nums)) if args.code_temperatures else None
+  plan = code.code_plan(patch_nums, batch, draft_steps, args.cfg, temps)
+  if args.kv_budget is None and args.prune is None:
+    return plan
+  return plan_lib.apply_techniques(plan, refiner, model=code.REFINER, kv_budget=args.kv_budget, prune=args.prune,
+                                   prune_layers=args.prune_layers, prune_cache_scale=args.prune_cache_scale,
+                                   kv_options=plan_lib.KVOptions(scorer=args.kv_scorer, pooling=args.kv_pooling),
+                                   depths={code.DRAFTER: drafter.depth, code.REFINER: refiner.depth})
 
 
 def _save_grid(u8: np.ndarray, path: str, cols: int) -> str:

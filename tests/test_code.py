@@ -283,11 +283,19 @@ def test_sample_cli_code_flags(pair_dirs, tiny_samplers, tmp_path):
   images = np.asarray(tiny_samplers[2](np.array([1, 5, 9, 10]), np.arange(4) + 3)["images"])
   u8 = np.load(tmp_path / "samples.npz")["arr_0"].astype(np.float32)
   assert np.abs(u8 - np.round(np.clip(images, 0, 1) * 255)).max() <= 1
+  # FastVAR in the refiner phase: scale 3 pruned, restored from the hand-over scale 2 (recorded by the prefill)
+  pruned = sample.run(sample.build_parser().parse_args(
+    base + ["--refiner", str(pair_dirs["refiner"]), "--draft_steps", "2", "--prune", "3:0.5", "--classes", "1,5",
+            "--batch_size", "8", "--out", str(tmp_path / "pruned")]))
+  assert pruned["num_images"] == 2 and pruned["trace_count"] == 1
   for extra, match in ((["--draft_steps", "2"], "CoDe options: give the refiner with --refiner DIR"),
                        (["--code_temperatures"], "CoDe options"),
                        (["--refiner", str(pair_dirs["refiner"]), "--draft_steps", "7"],
                         "draft_steps=7 is out of range for the 4-scale schedule"),
                        (["--refiner", str(pair_dirs["vocab"])], r"vocabulary \(vocab_size 64 vs 32\)"),
-                       (["--refiner", str(pair_dirs["refiner"]), "--prune", "default"], "do not compose with")):
+                       (["--refiner", str(pair_dirs["refiner"]), "--draft_steps", "3", "--prune", "3:0.5"],
+                        "must be run by the same model"),
+                       (["--refiner", str(pair_dirs["refiner"]), "--draft_steps", "3", "--prune", "2:0.5"],
+                        "run by model 'drafter'")):
     with pytest.raises(ValueError, match=match):
       sample.run(sample.build_parser().parse_args(base + extra + ["--out", str(tmp_path / "x")]))

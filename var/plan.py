@@ -224,12 +224,26 @@ def build(config, batch: int, *, cfg: float = 1.5, kv_budget=None, kv_options: K
     pruned scale).
 
   e.g. build(var.config, 8, kv_budget="10%", prune={8: 0.5, 9: 0.75})."""
+  plan = ScalePlan.plain(len(config.patch_nums), batch, cfg)
+  plan = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, model=model) for s in plan.steps))
+  return apply_techniques(plan, config, model=model, kv_budget=kv_budget, kv_options=kv_options, prune=prune,
+                          prune_layers=prune_layers, prune_cache_scale=prune_cache_scale)
+
+
+def apply_techniques(plan: ScalePlan, config, *, model: str = "main", kv_budget=None,
+                     kv_options: KVOptions = KVOptions(), prune=None, prune_layers=None,
+                     prune_cache_scale: int | None = None, depths: dict[str, int] | None = None) -> ScalePlan:
+  """Adds ScaleKV capacities and FastVAR pruning (options as in `build`) to the steps of `model` (config: that
+  model's VARConfig): e.g. the refiner phase of a CoDe plan. Pruned scales and their cache scale must be the
+  model's; the KV budget applies to the model's scales only. Validated (depths: every model of the plan)."""
   from var import kvcompress, pruning
 
   patch_nums, depth = tuple(config.patch_nums), config.depth
   num_scales = len(patch_nums)
-  plan = ScalePlan.plain(num_scales, batch, cfg)
-  plan = dataclasses.replace(plan, kv=kv_options, steps=tuple(dataclasses.replace(s, model=model) for s in plan.steps))
+  mine = [si for si in range(num_scales) if plan[si].model == model]
+  if not mine:
+    raise ValueError(f"the plan runs no scale with model {model!r} (models: {plan.models})")
+  plan = dataclasses.replace(plan, kv=kv_options)
   if kv_budget is not None:
     budget = kvcompress.parse_budget(kv_budget)
     if budget.path is not None:
@@ -237,7 +251,8 @@ def build(config, batch: int, *, cfg: float = 1.5, kv_budget=None, kv_options: K
     else:
       caps = kvcompress.uniform_capacities(patch_nums, depth, budget)
     for si, cap in caps.items():
-      plan = plan.replace(si, kv_capacity=tuple(int(c) for c in cap))
+      if si in mine and si + 1 in mine:  # only caches the same model reads on
+        plan = plan.replace(si, kv_capacity=tuple(int(c) for c in cap))
   if prune is not None:
     if prune == "default":
       sched = pruning.default_schedule(patch_nums, depth)
@@ -255,6 +270,9 @@ def build(config, batch: int, *, cfg: float = 1.5, kv_budget=None, kv_options: K
       if si == 0:
         raise ValueError("prune scale 0 cannot be pruned (its single map is what every later scale builds on); "
                          "prune later scales")
+      if si not in mine:
+        raise ValueError(f"prune scale {si} is run by model {plan[si].model!r}, not {model!r}; prune scales "
+                         f"{mine[0]}..{mine[-1]}")
     pruned = sorted(si for si, r in ratios.items() if r > 0)
     if pruned:
       if cache_scale is None:
@@ -277,5 +295,5 @@ def build(config, batch: int, *, cfg: float = 1.5, kv_budget=None, kv_options: K
     last_run = max((si for si in range(num_scales) if not plan[si].skip), default=0)
     if last_run < num_scales - 1 and plan[last_run].kv_capacity is not None:
       plan = plan.replace(last_run, kv_capacity=None)  # nothing reads the cache after the last executed scale
-  plan.validate(patch_nums, {model: depth})
+  plan.validate(patch_nums, depths or {model: depth})
   return plan
