@@ -611,10 +611,11 @@ class Sampler:
     self.config = main.config
     for name, m in self.models.items():
       c = m.config
-      if (c.patch_nums, c.vocab_size, c.z_channels) != (self.config.patch_nums, self.config.vocab_size,
-                                                          self.config.z_channels):
-        raise ValueError(f"model {name!r} has patch_nums/vocab/z_channels {c.patch_nums, c.vocab_size, c.z_channels}"
-                         f", unlike {self.config.patch_nums, self.config.vocab_size, self.config.z_channels}")
+      fields = ("patch_nums", "vocab_size", "z_channels", "num_classes")
+      if any(getattr(c, f) != getattr(self.config, f) for f in fields):
+        raise ValueError(f"model {name!r} has {fields} = {tuple(getattr(c, f) for f in fields)}, unlike "
+                         f"{tuple(getattr(self.config, f) for f in fields)}: every model of a plan must read and write "
+                         "the same token maps and classes")
     vc = vae.config
     if (vc.patch_nums, vc.vocab_size, vc.z_channels) != (self.config.patch_nums, self.config.vocab_size,
                                                            self.config.z_channels):
