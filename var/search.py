@@ -14,8 +14,8 @@ select hooks (var/plan.py contract), batched over many requested images at once:
   1, 1) x N. A model with S scales takes entry round(si * (L - 1) / (S - 1)) of an L-entry schedule (half up), so
   VAR's 10 scales get (8, 8, 6, 6, 4, 2, 2, 1, 1, 1) x N and the 4-scale digits (8, 6, 2, 1) x N; a schedule of
   exactly S entries is used as is. Where the count drops after scale si the selection is CLUSTERING if the
-  schedule position of si is before `resample_from` (default 6, the default's first resampling scale, 16x16) and
-  RESAMPLING from there on; the last scale ends with the final argmax of the reward per group.
+  relative position si / (S - 1) is below `resample_from` (default 0.5: the default's first resampling scale is
+  6 of 0..12, 16x16) and RESAMPLING from there on; the last scale ends with the final argmax of the reward per group.
   - Clustering: decode, features (B, T, D) from a pluggable extractor reduced per image to the projection on its
     first PCA axis (sign fixed so the largest-magnitude entry is positive; `sign_fix=False` for reference parity)
     or to the token mean ('pool'); k-means in JAX (k-means++ seeding with a fixed key, Lloyd iterations, empty
@@ -49,7 +49,7 @@ from var.plan import ScalePlan, ScaleStep, SelectStep
 from var.sampler import Sampler, SamplerHooks
 
 DEFAULT_SCHEDULE = (8, 8, 6, 6, 6, 4, 2, 2, 2, 1, 1, 1, 1)  # spec 4.1, Infinity's 13 scales (x N)
-DEFAULT_RESAMPLE_FROM = 6  # the default schedule's first resampling scale (16x16 in Infinity)
+DEFAULT_RESAMPLE_FROM = 0.5  # relative position of the default's first resampling scale (6 of 0..12: 16x16)
 SEED_STRIDE = 1_000_003  # candidate j of seed s uses s + j * SEED_STRIDE
 METHODS = ("tts", "bon", "is", "reject")
 POTENTIALS = ("value", "diff", "sum", "max", "topk")
@@ -61,7 +61,7 @@ KMEANS_KEY = 0  # the fixed k-means++ seeding key (the reference uses sklearn's 
 
 
 def candidate_schedule(num_scales: int, n: int, schedule: Sequence[int] = DEFAULT_SCHEDULE,
-                       resample_from: int = DEFAULT_RESAMPLE_FROM) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+                       resample_from: float = DEFAULT_RESAMPLE_FROM) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
   """(bs_sis, kinds): candidates per group kept after each scale (x n) and the selection after each scale
   (None, 'cluster', 'resample', or 'final' at the last scale when more than one candidate per group is left).
 
@@ -75,8 +75,8 @@ def candidate_schedule(num_scales: int, n: int, schedule: Sequence[int] = DEFAUL
   if big < num_scales:
     raise ValueError(f"schedule {schedule} has {big} entries but the model has {num_scales} scales; give one entry "
                      f"per scale or a longer schedule to map (e.g. the {len(DEFAULT_SCHEDULE)}-scale default)")
-  if not 0 <= resample_from <= big:
-    raise ValueError(f"resample_from={resample_from} must index the {big}-entry schedule (0..{big})")
+  if not 0 <= resample_from <= 1:
+    raise ValueError(f"resample_from={resample_from} must be a relative scale position in [0, 1]")
   pos = [si if big == num_scales else math.floor(si * (big - 1) / max(num_scales - 1, 1) + 0.5)
          for si in range(num_scales)]
   bs = tuple(schedule[p] * n for p in pos)
@@ -86,7 +86,7 @@ def candidate_schedule(num_scales: int, n: int, schedule: Sequence[int] = DEFAUL
     if si == num_scales - 1:
       kinds.append("final" if forward > 1 else None)
     elif bs[si] < forward:
-      kinds.append("cluster" if pos[si] < resample_from else "resample")
+      kinds.append("cluster" if si / max(num_scales - 1, 1) < resample_from else "resample")
     else:
       kinds.append(None)
   return bs, tuple(kinds)
@@ -241,7 +241,7 @@ class SearchSpec:
   reward: Callable
   features: Callable | None = None  # tts only
   schedule: tuple[int, ...] = DEFAULT_SCHEDULE  # tts only
-  resample_from: int = DEFAULT_RESAMPLE_FROM
+  resample_from: float = DEFAULT_RESAMPLE_FROM
   potential: str = "value"
   topk: int = 2  # the k of potential 'topk'
   lam: float = 10.0  # tts resampling and importance sampling
@@ -413,3 +413,56 @@ class SearchSampler:
     if edit is not None:
       edit = {k: np.repeat(np.asarray(v), search.rows, axis=0) for k, v in edit.items()}
     return sampler(cand_labels, cand_seeds, edit, cfg=cfg)
+
+
+def spec_from_args(args, *, num_classes: int, image_size: int, num_scales: int) -> SearchSpec | None:
+  """sample.py's search flags -> a validated SearchSpec (rewards loaded), or None without --search. Every error
+  names the flag and the fix, before anything is compiled."""
+  from var import rewards
+
+  only_search = {"--search_n": args.search_n, "--reward": args.reward, "--features": args.features,
+                 "--potential": args.potential, "--lambda": args.lam, "--search_schedule": args.search_schedule}
+  if args.search is None:
+    given = [k for k, v in only_search.items() if v is not None]
+    if given:
+      raise ValueError(f"{', '.join(given)} only apply with --search tts|bon|is|reject")
+    return None
+  tts_only = {"--features": args.features, "--potential": args.potential, "--search_schedule": args.search_schedule}
+  wrong = [k for k, v in tts_only.items() if v is not None and args.search != "tts"]
+  if args.lam is not None and args.search not in ("tts", "is"):
+    wrong.append("--lambda")
+  if wrong:
+    raise ValueError(f"{', '.join(wrong)} do not apply to --search {args.search} (features, potential and schedule "
+                     "are TTS-VAR's; lambda is TTS-VAR's and importance sampling's)")
+  n = args.search_n if args.search_n is not None else (1 if args.search == "tts" else 4)
+  if n < 1:
+    raise ValueError(f"--search_n {n} must be >= 1")
+  if args.reward is None:
+    raise ValueError(f"--search {args.search} needs --reward classifier:DIR | inception | module:function")
+  reward, reward_features = rewards.resolve_reward(args.reward, num_classes=num_classes, image_size=image_size)
+  kw = {}
+  if args.search == "tts":
+    kw["schedule"] = parse_schedule(args.search_schedule) if args.search_schedule else DEFAULT_SCHEDULE
+    if args.features is not None:
+      kw["features"] = rewards.resolve_features(args.features, reward_features, num_classes=num_classes,
+                                                image_size=image_size)
+    elif reward_features is not None:
+      kw["features"] = reward_features
+    potential = args.potential or "value"
+    if potential.startswith("topk") and potential[4:].isdigit():
+      kw["potential"], kw["topk"] = "topk", int(potential[4:])
+    elif potential in POTENTIALS and potential != "topk":
+      kw["potential"] = potential
+    else:
+      raise ValueError(f"--potential {potential!r}: use value, diff, sum, max or topkK (e.g. topk2)")
+  if args.lam is not None:
+    kw["lam"] = args.lam
+  spec = SearchSpec(args.search, n, reward, **kw)
+  try:
+    spec.validate(num_scales)
+  except ValueError as e:
+    if "feature extractor" in str(e):
+      raise ValueError(f"--reward {args.reward} has no features for TTS-VAR's clustering: give --features "
+                       "inception|classifier:DIR|module:function") from e
+    raise
+  return spec
