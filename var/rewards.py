@@ -160,16 +160,23 @@ def train_digits_classifier(config, out_dir: str | os.PathLike | None = None) ->
   accuracy = float((np.asarray(jnp.argmax(model(jnp.asarray(xt)), -1)) == yt).mean())
   clf = Classifier(model, int(config.resolution), int(config.num_classes), accuracy)
   if out_dir is not None:
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": "digits_cnn", "resolution": int(config.resolution), "channels": list(config.channels),
-            "num_classes": int(config.num_classes), "seed": int(config.seed), "steps": int(config.steps),
-            "test_accuracy": accuracy, "train_seconds": round(time.perf_counter() - t0, 1)}
-    flat = {"/".join(str(k) for k in path): np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(nnx.state(model))}
-    np.savez(out / CLASSIFIER_PARAMS, **flat)
-    (out / CLASSIFIER_CONFIG).write_text(json.dumps(meta, indent=1))
+    save_classifier(clf, out_dir, seed=int(config.seed), steps=int(config.steps),
+                    train_seconds=round(time.perf_counter() - t0, 1))
   return clf
+
+
+def save_classifier(clf: Classifier, out_dir: str | os.PathLike, **info) -> pathlib.Path:
+  """Writes DIR/classifier.json (architecture, input size, classes, `info`) and DIR/params.npz."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  m = clf.model
+  meta = {"arch": "digits_cnn", "resolution": clf.resolution,
+          "channels": [m.conv1.out_features, m.conv2.out_features], "num_classes": clf.num_classes,
+          "test_accuracy": clf.test_accuracy, **info}
+  flat = {"/".join(str(k) for k in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(m))}
+  np.savez(out / CLASSIFIER_PARAMS, **flat)
+  (out / CLASSIFIER_CONFIG).write_text(json.dumps(meta, indent=1))
+  return out
 
 
 def load_classifier(directory: str | os.PathLike) -> Classifier:
@@ -191,7 +198,7 @@ def load_classifier(directory: str | os.PathLike) -> Classifier:
   flat = nnx.to_flat_state(state)
   for path, var in flat:
     key = "/".join(str(k) for k in path)
-    if key not in values or values[key].shape != var.value.shape:
+    if key not in values or values[key].shape != var.get_value().shape:
       raise ValueError(f"{d / CLASSIFIER_PARAMS}: parameter {key} missing or of another shape")
     var.set_value(jnp.asarray(values[key]))
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -208,10 +215,10 @@ class InceptionScorer:
   model: nnx.Module
 
   def _run(self, images):
-    from var.eval import preprocess
+    from var.eval.preprocess import preprocess
 
     m = self.model
-    x = preprocess.preprocess(images.astype(jnp.float32) * 255.0, "adm").astype(m.compute_dtype)
+    x = preprocess(images.astype(jnp.float32) * 255.0, "adm").astype(m.compute_dtype)
     # the trunk of InceptionV3FID.__call__ up to Mixed_7c, whose (B, 8, 8, 2048) map it only returns pooled
     from var.eval.inception import max_pool_3x3
 
