@@ -25,7 +25,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.steps = 20 if arg.runlocal else arg.steps
   c.batch_size = 128
   c.learning_rate = 2e-3
-  c.crop_scale = 1.125  # as the generator's input pipeline (configs/common.py input_config)
+  c.crop_scale = 1.0 if arg.runlocal else 1.125  # as the generator's input pipeline (configs/common.py)
   c.views = 1 if arg.runlocal else 4  # pre-drawn random crops per training image
   c.max_shift = 2  # pixels, drawn per step
   return c

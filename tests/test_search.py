@@ -230,3 +230,79 @@ def test_a_search_without_selection_is_the_plain_sampler(t1, one_by_one):
     tokens, images = one_by_one(label, seed)
     np.testing.assert_array_equal(out["tokens"][g], tokens)
     np.testing.assert_allclose(out["images"][g], images, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def model_dir(shared_dir, tmp_path_factory):
+  """The T1 pair as a model directory (as tests/test_sample_cli.py builds it) and a 10-class 16px reward
+  classifier (untrained: only the plumbing is under test)."""
+  import json
+
+  from flax import nnx
+
+  from var import convert, rewards
+
+  root = shared_dir / "fixtures" / "var"
+  tmp = tmp_path_factory.mktemp("models")
+  (tmp / "t1.json").write_text(json.dumps({"ch": 32, "ch_mult": [1, 1, 1], "z_channels": 8, "vocab_size": 64,
+                                           "patch_nums": [1, 2, 3, 4]}))
+  assert convert.main(["--vae", str(root / "vae_shared.pth"), "--vae_config", str(tmp / "t1.json"),
+                       "--var", str(root / "T1" / "var.pth"), "--out", str(tmp / "t1")]) == 0
+  for name, classes, size in [("clf", 10, 16), ("clf5", 5, 16), ("clf32", 10, 32)]:
+    model = rewards.DigitsCNN(size, num_classes=classes, rngs=nnx.Rngs(0))
+    rewards.save_classifier(rewards.Classifier(model, size, classes), tmp / name)
+  return tmp
+
+
+def _cli(model_dir, out, *extra):
+  return ["--checkpoint", str(model_dir / "t1"), "--out", str(out), "--compilation_cache", "", "--no_progress",
+          "--top_k", "10", "--classes", "3,5", *extra]
+
+
+def test_cli_search_errors_before_compiling(model_dir, tmp_path):
+  import sample
+
+  out, clf = tmp_path / "o", f"classifier:{model_dir / 'clf'}"
+  cases = [
+    (["--search", "bon", "--search_n", "0", "--reward", clf], "--search_n 0 must be >= 1"),
+    (["--search", "tts", "--reward", clf, "--search_schedule", "4,2,1"], "has 3 entries but the model has 4"),
+    (["--search", "tts", "--reward", clf, "--search_schedule", "4,8,2,1"], "non-increasing"),
+    (["--search", "bon", "--reward", f"classifier:{model_dir / 'none'}"], r"none/classifier.json does not exist"),
+    (["--search", "bon", "--reward", f"classifier:{model_dir / 'clf5'}"], "has 5 classes but the model has 10"),
+    (["--search", "bon", "--reward", f"classifier:{model_dir / 'clf32'}"], "takes 32px images but the model"),
+    (["--search", "bon"], "needs --reward"),
+    (["--reward", clf], "--reward only apply with --search"),
+    (["--search", "bon", "--reward", clf, "--features", "classifier"], "--features do not apply to --search bon"),
+    (["--search", "reject", "--reward", clf, "--lambda", "3"], "--lambda do not apply"),
+    (["--search", "tts", "--reward", clf, "--potential", "best"], "--potential 'best'"),
+    (["--search", "tts", "--reward", "var.rewards:classifier_reward"], "has no features for TTS-VAR's clustering"),
+  ]
+  for extra, match in cases:
+    with pytest.raises(SystemExit, match=match):
+      sample.main(_cli(model_dir, out, *extra))
+  assert not out.exists()
+
+
+def test_cli_best_of_n_on_the_mesh_writes_the_chosen_images(model_dir, tmp_path, one_by_one):
+  """--search bon on the 8 fake devices (2 candidates per requested image, the groups split across devices): the
+  .npz holds one image per requested one, with its label, the best of its candidates by the classifier reward."""
+  import sample
+  from var import rewards
+
+  args = sample.build_parser().parse_args(
+    _cli(model_dir, tmp_path, "--search", "bon", "--search_n", "2", "--reward", f"classifier:{model_dir / 'clf'}",
+         "--batch_size", "8", "--cfg", "1.5", "--top_k", "0", "--top_p", "0"))
+  summary = sample.run(args)
+  assert summary["devices"] == 8 and summary["trace_count"] == 1
+  npz = np.load(tmp_path / "samples.npz")
+  assert npz["arr_0"].shape == (2, 16, 16, 3)
+  np.testing.assert_array_equal(npz["arr_1"], [3, 5])
+  reward = rewards.load_classifier(model_dir / "clf").reward
+  for i, label in enumerate([3, 5]):
+    cands = [one_by_one(label, i + j * search.SEED_STRIDE)[1] for j in range(2)]
+    best = cands[int(np.argmax([float(reward(jnp.asarray(c[None]), jnp.asarray([label]))[0]) for c in cands]))]
+    assert np.abs(npz["arr_0"][i].astype(np.float32) - np.round(best * 255)).max() <= 1
