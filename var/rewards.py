@@ -272,7 +272,8 @@ def load_user_function(spec: str) -> Callable:
   return fn
 
 
-def _classifier_for(directory: str, num_classes: int | None, image_size: int | None) -> Classifier:
+def classifier_for_model(directory: str, num_classes: int | None, image_size: int | None) -> Classifier:
+  """load_classifier, checked against the model's number of classes and image size (errors name the fix)."""
   clf = load_classifier(directory)
   if num_classes is not None and clf.num_classes != num_classes:
     raise ValueError(f"reward classifier {directory} has {clf.num_classes} classes but the model has "
@@ -289,7 +290,7 @@ def resolve_reward(spec: str, *, num_classes: int | None = None, image_size: int
   """'classifier:DIR' | 'inception[:PATH]' | 'module:function' -> (reward_fn, the matching feature extractor
   or None). Loads weights now, so a bad path fails before anything is compiled."""
   if spec.startswith("classifier:"):
-    clf = _classifier_for(spec.partition(":")[2], num_classes, image_size)
+    clf = classifier_for_model(spec.partition(":")[2], num_classes, image_size)
     return clf.reward, clf.tokens
   if spec == "inception" or spec.startswith("inception:"):
     scorer = load_inception_scorer(spec.partition(":")[2] or inception_weights)
@@ -310,7 +311,7 @@ def resolve_features(spec: str, reward_features: Callable | None, *, num_classes
                        "--features classifier:DIR")
     return reward_features
   if spec.startswith("classifier:"):
-    return _classifier_for(spec.partition(":")[2], num_classes, image_size).tokens
+    return classifier_for_model(spec.partition(":")[2], num_classes, image_size).tokens
   if spec == "inception" or spec.startswith("inception:"):
     return load_inception_scorer(spec.partition(":")[2] or inception_weights).tokens
   if ":" in spec:
