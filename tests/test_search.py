@@ -71,6 +71,21 @@ def test_plans_of_the_baselines():
   assert seeds[0] == 0 and seeds[4] == 1 and seeds[1] == search.SEED_STRIDE  # candidate 0 = the plain sample
 
 
+def test_compose_with_a_kv_and_pruning_plan():
+  from var.plan import PruneStep
+
+  reward = lambda images, labels: images.mean((1, 2, 3))
+  tts = search.make_search(search.SearchSpec("tts", 1, reward, lambda i, lab: i), 4, 2)
+  prune = PruneStep(keep=4, layers=(0, 1), cache_scale=0)
+  other = ScalePlan.plain(4, 2).replace(2, kv_capacity=(10, 12)).replace(3, prune=prune, cfg_on=False)
+  both = search.compose(tts.plan, other)
+  assert [s.batch for s in both.steps] == [s.batch for s in tts.plan.steps]
+  assert [s.select for s in both.steps] == [s.select for s in tts.plan.steps]
+  assert both[2].kv_capacity == (10, 12) and both[3].prune == prune and not both[3].cfg_on
+  with pytest.raises(ValueError, match="selects candidates itself at scales"):
+    search.compose(tts.plan, tts.plan)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Selection functions
 

@@ -375,6 +375,20 @@ def _hooks(spec: SearchSpec, groups: int, sizes: dict[int, tuple[int, int]], sel
   return {"cluster": cluster, "resample": resampling, "final": final, "importance": importance}
 
 
+def compose(search_plan: ScalePlan, other: ScalePlan) -> ScalePlan:
+  """The search's per-scale batch and selections on top of another plan's model, cfg_on, prune, kv_capacity and
+  temperature (ScaleKV, FastVAR, CoDe, SkipVAR). Pass the other technique's scale_forward / compress_kv in the
+  same SamplerHooks as the search's select functions; at every selection the loop gathers their per-row state
+  (cache rows, restoration caches) with the candidates."""
+  if len(other) != len(search_plan):
+    raise ValueError(f"the plans have {len(search_plan)} and {len(other)} steps; build both for the same model")
+  selecting = [si for si, step in enumerate(other.steps) if step.select is not None]
+  if selecting:
+    raise ValueError(f"the other plan selects candidates itself at scales {selecting}; a plan has one selector")
+  return ScalePlan(tuple(dataclasses.replace(o, batch=s.batch, select=s.select)
+                         for s, o in zip(search_plan.steps, other.steps, strict=True)))
+
+
 class SearchSampler:
   """A var.sampler.Sampler running a search: called like one, with one label and seed per REQUESTED image; returns
   {'images', 'tokens', 'f_hat'} of the chosen candidates (search.keep per requested image, group order).
