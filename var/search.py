@@ -332,7 +332,7 @@ def _hooks(spec: SearchSpec, groups: int, sizes: dict[int, tuple[int, int]], sel
 
   def prepare(ctx):
     n, k = sizes[ctx["si"]]
-    images = ctx["decode"](ctx["f_hat"])  # (G * n, H, W, 3) in [0, 1]
+    images = jnp.clip(ctx["decode"](ctx["f_hat"]), 0.0, 1.0)  # (G * n, H, W, 3); clipped as sample.py writes
     hist = ctx["carry"]["rewards"] if ctx["carry"] is not None else jnp.full((g * n, cols), jnp.nan, jnp.float32)
     return n, k, images, hist, select_scales.index(ctx["si"])
 
