@@ -228,7 +228,7 @@ def test_best_of_n_is_the_argmax_over_independent_samples(t1, one_by_one):
   cand_labels, cand_seeds = s.search_for(2)[0].candidates(labels, seeds)
   for g in range(2):
     runs = [one_by_one(cand_labels[j], cand_seeds[j]) for j in range(4 * g, 4 * g + 4)]
-    rewards = [float(_reward(jnp.asarray(im[None]), jnp.asarray([labels[g]]))[0]) for _, im in runs]
+    rewards = [float(_reward(jnp.clip(im[None], 0, 1), jnp.asarray([labels[g]]))[0]) for _, im in runs]
     best = runs[int(np.argmax(rewards))]
     np.testing.assert_array_equal(out["tokens"][g], best[0])
     np.testing.assert_allclose(out["images"][g], best[1], atol=1e-5)
@@ -319,5 +319,5 @@ def test_cli_best_of_n_on_the_mesh_writes_the_chosen_images(model_dir, tmp_path,
   reward = rewards.load_classifier(model_dir / "clf").reward
   for i, label in enumerate([3, 5]):
     cands = [one_by_one(label, i + j * search.SEED_STRIDE)[1] for j in range(2)]
-    best = cands[int(np.argmax([float(reward(jnp.asarray(c[None]), jnp.asarray([label]))[0]) for c in cands]))]
+    best = cands[int(np.argmax([float(reward(jnp.clip(c[None], 0, 1), jnp.asarray([label]))[0]) for c in cands]))]
     assert np.abs(npz["arr_0"][i].astype(np.float32) - np.round(best * 255)).max() <= 1
