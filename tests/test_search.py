@@ -155,6 +155,29 @@ def test_resampling_large_lambda_nan_guards_and_uniform_fallback():
   np.testing.assert_array_equal(search.top_rewards(jnp.asarray([jnp.nan, 1.0, 3.0, -jnp.inf]), 2), [2, 1])
 
 
+def _ctx(si, rewards_per_row):
+  """A select context whose 'decode' gives every row a constant image equal to its reward (red channel)."""
+  r = jnp.asarray(rewards_per_row, jnp.float32)
+  f_hat = jnp.broadcast_to(r[:, None, None, None], (r.shape[0], 2, 2, 3))
+  return dict(si=si, f_hat=f_hat, tokens=[], labels=jnp.zeros(r.shape[0], jnp.int32), decode=lambda f: f,
+              carry=None)
+
+
+def test_final_selections_stay_within_groups():
+  red = lambda images, labels: images[..., 0].mean((1, 2))
+  r = [0.1, 0.9, 0.5, 0.2, 0.8, 0.3, 0.4, 0.7]  # two groups of 4
+  rej = search.make_search(search.SearchSpec("reject", 4, red, keep=2), 4, 2)
+  idx, carry = rej.hooks.select["final"](_ctx(3, r), jax.random.key(0))
+  np.testing.assert_array_equal(idx, [1, 2, 4, 7])  # each group's best two, group order kept
+  np.testing.assert_allclose(carry["rewards"][:, 0], r, rtol=1e-6)
+  imp = search.make_search(search.SearchSpec("is", 4, red, lam=1e6), 4, 2)
+  idx, _ = imp.hooks.select["importance"](_ctx(3, r), jax.random.key(0))
+  np.testing.assert_array_equal(idx, [1, 4])
+  imp = search.make_search(search.SearchSpec("is", 4, red, lam=0.0), 4, 2)  # uniform, but never across groups
+  picks = np.stack([imp.hooks.select["importance"](_ctx(3, r), jax.random.key(i))[0] for i in range(40)])
+  assert (picks[:, 0] < 4).all() and (picks[:, 1] >= 4).all() and len(set(picks[:, 0])) > 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # In the sampler (T1 fixture, 4 scales)
 
