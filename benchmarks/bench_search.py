@@ -38,7 +38,7 @@ def _parse_method(name: str) -> tuple[str, int]:
 
 def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5), methods=DEFAULT_METHODS,
         seed: int = 0, batch: int = 10, top_k: int = 0, top_p: float = 0.0, crop_scale: float = 1.125,
-        lam: float = 10.0, potential: str = "value") -> list[dict]:
+        lam: float = 10.0, potential: str = "value", schedule=search.DEFAULT_SCHEDULE) -> list[dict]:
   """Samples `per_class` images of every class per (cfg, method) and judges them; returns the result rows.
 
   `batch` requested images per sampler call (each with its candidates); `crop_scale` is the generator's input
@@ -62,8 +62,10 @@ def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5)
         s, forwards = sampler_lib.Sampler(var, vae, sampling), plain_forwards
         compile_s = s.compile(batch)
       else:
-        kw = dict(features=clf.tokens, lam=lam, potential=potential) if method == "tts" else {}
-        if method == "is":
+        kw = {}
+        if method == "tts":
+          kw = dict(features=clf.tokens, lam=lam, potential=potential, schedule=tuple(schedule))
+        elif method == "is":
           kw = dict(lam=lam)
         s = search.SearchSampler(var, vae, sampling, search.SearchSpec(method, m, clf.reward, **kw))
         forwards = s.token_forwards(batch)
@@ -101,13 +103,16 @@ def main(argv=None):
   p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
   p.add_argument("--batch", type=int, default=10, help="requested images per sampler call")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--schedule", default=None, help="TTS-VAR schedule (default: the 13-scale one, mapped)")
+  p.add_argument("--potential", default="value")
   p.add_argument("--quick", action="store_true", help="2 per class, cfg 1.5, plain/bon2/tts1/reject4 (a smoke run)")
   args = p.parse_args(argv)
   per_class, cfgs, methods = args.per_class, [float(c) for c in args.cfgs.split(",")], args.methods.split(",")
   if args.quick:
     per_class, cfgs, methods = 2, [1.5], ["plain", "bon2", "tts1", "reject4"]
   rows = run(args.model, args.reward, per_class=per_class, cfgs=cfgs, methods=methods, seed=args.seed,
-             batch=args.batch)
+             batch=args.batch, potential=args.potential,
+             schedule=search.parse_schedule(args.schedule) if args.schedule else search.DEFAULT_SCHEDULE)
   print(table(rows))
 
 
