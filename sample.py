@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compilation_cache", default=os.path.expanduser("~/.cache/var-jax/jax"),
                  help="persistent XLA compilation cache directory ('' = off)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  p.add_argument("--search", default=None, choices=["tts", "bon", "is", "reject"],
+                 help="test-time search (var/search.py): TTS-VAR, Best-of-N, importance or rejection sampling; "
+                 "writes only the chosen image of each requested one")
+  p.add_argument("--search_n", type=int, default=None, help="tts: final candidates N per image (default 1); "
+                 "bon / is / reject: samples per image (default 4)")
+  p.add_argument("--reward", default=None, help="classifier:DIR (python -m var.rewards train-digits-classifier) | "
+                 "inception[:WEIGHTS] (default $VARJAX_INCEPTION_WEIGHTS) | module:function")
+  p.add_argument("--features", default=None, help="tts clustering features: classifier[:DIR] | inception[:WEIGHTS] "
+                 "| module:function (default: the reward's)")
+  p.add_argument("--potential", default=None, help="tts resampling potential: value (default), diff, sum, max, topkK")
+  p.add_argument("--lambda", dest="lam", type=float, default=None,
+                 help="tts / is: weights exp(lambda * potential) (default 10)")
+  p.add_argument("--search_schedule", default=None, help="tts candidates per group after each scale, x N (default "
+                 "8,8,6,6,6,4,2,2,2,1,1,1,1 mapped onto the model's scales)")
   return p
 
 
@@ -177,7 +191,25 @@ def run(args: argparse.Namespace) -> dict:
     edit_args = {k: np.repeat(np.asarray(v), batch, axis=0) for k, v in one.items()}
 
   mesh = shd.make_mesh((devices, 1, 1)) if devices > 1 else None
-  s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan, kv_dtype=args.kv_dtype)
+  from var import search
+
+  spec = search.spec_from_args(args, num_classes=num_classes, image_size=vae_config.image_size,
+                               num_scales=len(vae_config.patch_nums))
+  if spec is None:
+    s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan, kv_dtype=args.kv_dtype)
+  else:
+    if args.refiner is not None:
+      raise ValueError("--search does not combine with --refiner in sample.py; use the Python API "
+                       "(var.search.compose) or drop one of them")
+    techniques = None
+    if plan is not None:  # ScaleKV / FastVAR under the search's per-scale batches and selections
+      from var import plan as plan_lib
+
+      techniques = lambda p: plan_lib.apply_techniques(  # noqa: E731
+        p, var.config, kv_budget=args.kv_budget, prune=args.prune, prune_layers=args.prune_layers,
+        prune_cache_scale=args.prune_cache_scale,
+        kv_options=plan_lib.KVOptions(scorer=args.kv_scorer, pooling=args.kv_pooling))
+    s = search.SearchSampler(var, vae, sampling, spec, mesh=mesh, techniques=techniques, kv_dtype=args.kv_dtype)
   compile_s = s.compile(batch, edit=edit_args is not None)
 
   seeds = (args.seed + np.arange(n)).astype(np.uint32)
