@@ -181,7 +181,7 @@ class ScalePlan:
       if step.select is not None:
         if not 1 <= step.select.keep <= step.batch:
           raise ValueError(f"{where}: select keeps {step.select.keep} of {step.batch} candidates")
-        if hooks is None or step.select.kind not in hooks.select:
+        if hooks is not None and step.select.kind not in hooks.select:  # None: hooks come later
           raise ValueError(f"{where}: select kind {step.select.kind!r} has no function in SamplerHooks.select")
 
   def _validate_prune(self, si: int, step: ScaleStep, pn: int, depth: int, where: str) -> None:
