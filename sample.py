@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--code_temperatures", action="store_true", help="CoDe's per-scale temperatures (1.1 on the "
                  "first 70%% of the scales, then 1.0) instead of --temperature")
   p.add_argument("--grid_cols", type=int, default=None, help="columns of grid.png (default: num_per_class, or 8)")
+  p.add_argument("--grid_scale", type=int, default=None, help="nearest-neighbour upscaling of grid.png tiles "
+                 "(default: the smallest factor giving tiles of at least 64 px); grid.txt names each row's classes")
   p.add_argument("--compilation_cache", default=os.path.expanduser("~/.cache/var-jax/jax"),
                  help="persistent XLA compilation cache directory ('' = off)")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> dict:
     raise ValueError(f"--num_per_class {args.num_per_class} must be >= 1")
   if args.refiner is None and (args.draft_steps is not None or args.code_temperatures):
     raise ValueError("--draft_steps and --code_temperatures are CoDe options: give the refiner with --refiner DIR")
+  if args.grid_scale is not None and args.grid_scale < 1:
+    raise ValueError(f"--grid_scale {args.grid_scale} must be >= 1 (an integer upscaling factor)")
   if (args.image is None) != (args.mask is None):
     raise ValueError("--image and --mask go together (zero-shot editing needs both)")
   box = _parse_box(args.mask) if args.mask else None
@@ -236,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
     Image.fromarray(im).save(os.path.join(args.out, "images", f"{i:06d}_class{c:04d}.png"))
   np.savez(os.path.join(args.out, "samples.npz"), arr_0=u8, arr_1=labels.astype(np.int64))
   cols = args.grid_cols or (args.num_per_class if args.num_per_class > 1 else min(n, 8))
-  grid_path = _save_grid(u8, os.path.join(args.out, "grid.png"), cols)
+  grid_path = _save_grid(u8, os.path.join(args.out, "grid.png"), cols, args.grid_scale)
+  _save_grid_legend(labels, os.path.join(args.out, "grid.txt"), cols)
   return {"num_images": n, "batch_size": batch, "devices": devices, "load_s": load_s, "compile_s": compile_s,
           "sample_s": sample_s, "images_per_s": n / sample_s, "grid": grid_path, "trace_count": s.trace_count,
           "npz": os.path.join(args.out, "samples.npz")}
@@ -280,9 +285,12 @@ def _build_code_plan(args: argparse.Namespace, drafter_meta: dict, batch: int):
                                    depths={code.DRAFTER: drafter.depth, code.REFINER: refiner.depth})
 
 
-def _save_grid(u8: np.ndarray, path: str, cols: int) -> str:
+def _save_grid(u8: np.ndarray, path: str, cols: int, scale: int | None = None) -> str:
   from PIL import Image
 
+  if scale is None:  # small images (16px digits) become tiles a person can see
+    scale = max(1, -(-64 // min(u8.shape[1:3])))
+  u8 = u8.repeat(scale, axis=1).repeat(scale, axis=2)
   n, h, w, _ = u8.shape
   rows = -(-n // cols)
   grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
@@ -290,6 +298,15 @@ def _save_grid(u8: np.ndarray, path: str, cols: int) -> str:
     r, c = divmod(i, cols)
     grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
   Image.fromarray(grid).save(path)
+  return path
+
+
+def _save_grid_legend(labels: np.ndarray, path: str, cols: int) -> str:
+  """grid.txt: one line per row of grid.png naming the classes of its tiles (the grid's caption)."""
+  rows = [labels[i:i + cols] for i in range(0, len(labels), cols)]
+  lines = [f"row {r}: classes {','.join(str(int(c)) for c in row)}" for r, row in enumerate(rows)]
+  with open(path, "w") as f:
+    f.write("grid.png, left to right, top to bottom\n" + "\n".join(lines) + "\n")
   return path
 
 

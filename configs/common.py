@@ -37,6 +37,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def parse_patch_nums(text: str | tuple) -> tuple[int, ...]:
+  """`"1-2-4-8"` (the form a `--config f.py:patch_nums=...` argument can carry) -> (1, 2, 4, 8)."""
+  if isinstance(text, (tuple, list)):
+    return tuple(int(p) for p in text)
+  try:
+    return tuple(int(p) for p in str(text).split("-"))
+  except ValueError:
+    raise ValueError(f"patch_nums={text!r} must be dash-separated side lengths, e.g. 1-2-4-8") from None
+
+
 def input_config(name: str = "digits", *, resolution: int, batch_size: int,
                  **kw) -> ml_collections.ConfigDict:
   """The `config.input` block: exactly the fields of var/data.py `InputConfig`."""

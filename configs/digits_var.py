@@ -14,16 +14,19 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, runlocal=False, steps=600, batch=64, depth=4, width=128)
+  arg = common.parse_arg(arg, runlocal=False, steps=600, batch=64, depth=4, width=128, tblr=1e-3 * 256 / 64,
+                         crop_scale=1.0)
   c = common.base_config()
   c.stage = "var"
   c.total_steps = 8 if arg.runlocal else arg.steps
   c.tokenizer_dir = ""  # model directory of the trained tokenizer (<tokenizer workdir>/model)
-  c.input = common.input_config("digits", resolution=16, batch_size=8 if arg.runlocal else arg.batch)
+  # crop_scale as the tokenizer's (configs/digits_tokenizer.py): the digits are already centred
+  c.input = common.input_config("digits", resolution=16, batch_size=8 if arg.runlocal else arg.batch,
+                                crop_scale=arg.crop_scale)
   c.model = ml_collections.ConfigDict(dict(
       depth=arg.depth, width=arg.width, num_heads=max(arg.width // 32, 1), num_classes=10, patch_nums=(),
       drop_path_rate=0.0, init_adaln_gamma=1e-3))
-  c.optim = common.optim_config(tblr=1e-3 * 256 / 64, warmup_steps=100, schedule="lin0", end_ratio=0.05)
+  c.optim = common.optim_config(tblr=arg.tblr, warmup_steps=100, schedule="lin0", end_ratio=0.05)
   c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, cond_drop_rate=0.1))
   c.progressive = ml_collections.ConfigDict(dict(pg=0.0, pg0=1, warmup_steps=100))
   c.log_every_steps = 2 if arg.runlocal else 50

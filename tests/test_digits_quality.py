@@ -97,3 +97,104 @@ def test_input_errors(judge, real):
     judge.accuracy(images[:4], labels[:3])
   with pytest.raises(ValueError, match="multiple of 8"):
     dq.DigitsJudge.train(12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The plain quality functions, against independent numpy / scipy references
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_to_grid8_is_the_area_average_in_grey_levels():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 1, (3, 16, 16, 3)).astype(np.float32)  # the judge's own input precision
+  ref = np.zeros((3, 8, 8))
+  for n in range(3):  # explicit loops over the 2x2 blocks and the channels
+    for i in range(8):
+      for j in range(8):
+        ref[n, i, j] = images[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :].astype(np.float64).sum() / 12.0 * 16.0
+  np.testing.assert_allclose(dq.to_grid8(images), ref.reshape(3, 64), rtol=1e-6)  # float32 inputs
+  # the real digits, nearest-upsampled to 32px and stored as uint8, come back as their UCI grey levels
+  # (to within the uint8 rounding of level * 255 / 16)
+  images, _ = data.digits_images("test", 32)
+  levels, _ = dq.real_grid8("test")
+  np.testing.assert_allclose(dq.to_grid8(images, "uint8"), levels, atol=16 / 255 / 2 + 1e-9)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    dq.to_grid8(np.zeros((1, 12, 12, 3)))
+
+
+def test_frechet_distance_matches_an_eigenvalue_reference():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5))
+  b = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)) + 0.5
+  mu_a, mu_b = a.sum(0) / len(a), b.sum(0) / len(b)
+  cov_a = (a - mu_a).T @ (a - mu_a) / (len(a) - 1)
+  cov_b = (b - mu_b).T @ (b - mu_b) / (len(b) - 1)
+  # tr((S_a S_b)^(1/2)) = sum of the square roots of the (real, non-negative) eigenvalues of S_a S_b
+  tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(cov_a @ cov_b).real, 0, None)).sum()
+  ref = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt
+  assert dq.frechet_distance(a, b) == pytest.approx(ref, rel=1e-9)
+  assert dq.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_grid_frechet_distances_of_the_real_digits():
+  train, _ = dq.real_grid8("train")
+  test, _ = dq.real_grid8("test")
+  assert train.shape == (1438, 64) and test.shape == (359, 64)
+  full = dq.real_grid_frechet_distance(len(train))
+  assert full == pytest.approx(dq.frechet_distance(train, test), rel=1e-12)
+  images, _ = data.digits_images("train", 16)
+  # (the uint8 images hold the levels to within 16 / 510: the distance moves by ~0.05%)
+  assert dq.grid_frechet_distance(images / 255.0) == pytest.approx(full, rel=2e-3)
+  # FD is biased upwards at small N: 100 real digits sit further from the held-out set than all 1,438
+  assert dq.real_grid_frechet_distance(100) > full
+  with pytest.raises(ValueError, match="must be in"):
+    dq.real_grid_frechet_distance(5000)
+
+
+def test_psnr_matches_numpy():
+  rng = np.random.default_rng(2)
+  a = rng.uniform(0, 1, (4, 16, 16, 3))
+  b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+  ref = np.mean([10 * np.log10(1.0 / np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)])
+  assert dq.psnr(b, a) == pytest.approx(ref, rel=1e-6)
+  c = np.full((2, 8, 8, 3), 0.25)
+  assert dq.psnr(c + 0.1, c) == pytest.approx(20.0, rel=1e-6)  # error 0.1 of a peak of 1: 20 dB
+  assert dq.psnr(c * 2 - 1 + 0.2, c * 2 - 1, value_range="[-1,1]") == pytest.approx(20.0, rel=1e-6)
+
+
+def test_judge_accuracy_and_report_read_blur(judge, real):
+  images, labels, _ = real
+  x01 = (images + 1) / 2
+  assert dq.judge_accuracy(x01, labels, judge=judge) == pytest.approx(judge.test_accuracy)
+  # a 3x3 box blur keeps most digits recognisable but moves them far away on the 8x8 grid
+  blurred = np.stack([np.mean([np.roll(np.roll(x01, dy, 1), dx, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+                              axis=0)])[0]
+  sharp, soft = judge.report(x01[:200], labels[:200]), judge.report(blurred[:200], labels[:200])
+  assert soft["accuracy"] > 0.7
+  assert sharp["fd"] < 2 * sharp["fd_real_same_n"]
+  assert soft["fd"] > 3 * soft["fd_real_same_n"]
+
+
+def test_a_short_tokenizer_run_on_the_digits_learns(tmp_path):
+  """Smoke check of learning (not a wall-clock test): 60 steps of the demo tokenizer recipe cut the held-out
+  reconstruction error (mean |rec - x| in [0, 1], through the tokens) of the untrained model by 4x or more."""
+  from flax import nnx
+
+  from configs import digits_tokenizer
+  from tokenizer.vqvae import VQVAE
+  from var import train_lib
+  from var.digits_builder import prepare
+  from var.pretrained import load_tokenizer
+
+  config = digits_tokenizer.get_config("steps=60,batch=32")
+  config.input.data_dir = prepare(tmp_path / "tfds")
+  config.ckpt.every_steps = 60
+  config.log_every_steps = 60
+  images, _ = data.digits_images("test", R)
+  target = images / 255.0
+  with nnx.use_eager_sharding(False):
+    untrained = VQVAE(train_lib.tokenizer_config_from(config), rngs=nnx.Rngs(config.seed))
+  before = np.abs(dq.reconstruct(untrained, images)[0] - target).mean()
+  result = train_lib.train_and_evaluate(config, tmp_path / "tok")
+  after = np.abs(dq.reconstruct(load_tokenizer(result["model_dir"])[0], images)[0] - target).mean()
+  assert after < before / 4, (before, after)

@@ -55,7 +55,11 @@ def test_greedy_cli_matches_official(model_dir, shared_dir, tmp_path):
   assert np.abs(npz["arr_0"].astype(np.float32) - ref).max() <= 1
   assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
     "000000_class0003.png", "000001_class0000.png", "000002_class0009.png", "000003_class0003.png"]
-  assert (tmp_path / "grid.png").stat().st_size > 0
+  from PIL import Image
+
+  # 16px samples are upscaled 4x by default: 4 tiles of 64 px in one row, 2 px gaps; grid.txt names the classes
+  assert Image.open(tmp_path / "grid.png").size == (4 * (64 + 2) + 2, 64 + 2 + 2)
+  assert (tmp_path / "grid.txt").read_text().splitlines()[1] == "row 0: classes 3,0,9,3"
 
 
 def test_pretrained_roundtrip_of_the_var(model_dir, shared_dir):
@@ -76,6 +80,8 @@ def test_cli_errors(model_dir, tmp_path):
     sample.main(_args(model_dir, out, "--classes", "1"))
   with pytest.raises(SystemExit, match="not divisible by the 8 devices"):
     sample.main(_args(model_dir, out, "--classes", "1,2", "--batch_size", "3", "--top_k", "10"))
+  with pytest.raises(SystemExit, match="--grid_scale 0 must be >= 1"):
+    sample.main(_args(model_dir, out, "--classes", "1", "--grid_scale", "0"))
   with pytest.raises(SystemExit, match="--image and --mask go together"):
     sample.main(_args(model_dir, out, "--classes", "1", "--mask", "0,0,.5,.5", "--top_k", "10"))
   with pytest.raises(SystemExit, match="does not exist"):

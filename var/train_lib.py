@@ -870,19 +870,38 @@ def read_metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def save_image_grid(images: np.ndarray, path: pathlib.Path, ncols: int) -> pathlib.Path:
-  """Images (N, H, W, 3) in [0, 1] -> one PNG grid with `ncols` columns (1 px gaps)."""
-  from PIL import Image
+def save_image_grid(images: np.ndarray, path: pathlib.Path, ncols: int, *, scale: int = 1,
+                    captions: list[str] | None = None) -> pathlib.Path:
+  """Images (N, H, W, 3) in [0, 1] -> one PNG grid with `ncols` columns (gaps of `scale` px).
 
+  scale: nearest-neighbour upscaling of every tile (pixels stay sharp squares: a 16px digit at scale 4 is a
+  64px tile a person can look at). captions: one line of text per column, drawn above it (PIL's built-in font).
+  """
+  from PIL import Image, ImageDraw
+
+  if scale < 1:
+    raise ValueError(f"scale={scale} must be a positive integer (nearest-neighbour upscaling factor)")
+  if captions is not None and len(captions) != ncols:
+    raise ValueError(f"{len(captions)} captions for {ncols} columns: give one caption per column")
   images = np.clip(np.asarray(images, np.float32), 0, 1)
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   n, h, w, _ = images.shape
+  gap = scale
+  top = 14 if captions is not None else 0  # one line of the 11px built-in font
   nrows = -(-n // ncols)
-  grid = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, 3), np.float32)
+  grid = np.ones((top + nrows * (h + gap) + gap, ncols * (w + gap) + gap, 3), np.float32)
   for i, im in enumerate(images):
     r, c = divmod(i, ncols)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = im
+    y, x = top + gap + r * (h + gap), gap + c * (w + gap)
+    grid[y:y + h, x:x + w] = im
+  picture = Image.fromarray((grid * 255 + 0.5).astype(np.uint8))
+  if captions is not None:
+    draw = ImageDraw.Draw(picture)
+    for c, text in enumerate(captions):
+      draw.text((gap + c * (w + gap) + 1, 1), str(text), fill=(0, 0, 0))
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+  picture.save(path)
   return path
 
 
