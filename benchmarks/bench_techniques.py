@@ -216,28 +216,31 @@ def quality_setting(args, device: str) -> None:
   var, var_cfg, vae, _ = load_pretrained(model_dir)
   print(json.dumps({"bench": "eval_model", "device": device, "model_dir": str(model_dir),
                     "patch_nums": list(var_cfg.patch_nums), "depth": var_cfg.depth,
-                    "seconds": round(time.perf_counter() - t0, 1), **eval_model.model_report(args.eval_workdir)}),
-        flush=True)
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "tokenizer": digits_quality.tokenizer_report(vae)}), flush=True)
   judge = digits_quality.default_judge()
-  classes = np.arange(var_cfg.num_classes)
-  labels = np.repeat(classes, args.num_per_class)
+  labels = np.repeat(np.arange(var_cfg.num_classes), args.num_per_class)
   seeds = np.arange(labels.shape[0])
-  sampling = sampler_lib.SamplingConfig(cfg=args.quality_cfg)
-  base = None
-  for plan_name in args.plans.split(","):
-    plan, kv_dtype = parse_plan(plan_name, var_cfg, labels.shape[0], sampling.cfg)
-    r = run_plan(var, vae, plan, kv_dtype, sampling, labels, seeds, iters=1)
-    images = np.asarray(r["out"]["images"])
-    rec = {"bench": "technique_quality", "device": device, "plan": plan_name, "cfg": sampling.cfg,
-           "samples": int(labels.shape[0]), "images_per_s": round(labels.shape[0] / r["seconds"], 3),
-           **digits_quality.quality_report(images, labels, judge=judge), "kv_bytes_per_scale": r["kv_bytes"],
-           **r["memory"]}
-    if base is None:
-      base = r
-    else:
-      rec["token_agreement"] = token_agreement(r["out"]["tokens"], base["out"]["tokens"], var_cfg.patch_nums)
-      rec["psnr_vs_plain"] = psnr(images, base["out"]["images"])
-    print(json.dumps(rec), flush=True)
+  for cfg in (float(c) for c in args.quality_cfgs.split(",")):
+    sampling = sampler_lib.SamplingConfig(cfg=cfg)
+    base = None
+    for plan_name in args.quality_plans.split(","):
+      plan, kv_dtype = parse_plan(plan_name, var_cfg, labels.shape[0], cfg)
+      r = run_plan(var, vae, plan, kv_dtype, sampling, labels, seeds, iters=1)
+      images = np.asarray(r["out"]["images"])
+      rep = judge.report(images, labels, value_range="[0,1]")
+      rec = {"bench": "technique_quality", "device": device, "plan": plan_name, "cfg": cfg,
+             "samples": int(labels.shape[0]), "images_per_s": round(labels.shape[0] / r["seconds"], 3),
+             "accuracy": round(rep["accuracy"], 4), "fd_grid": round(rep["fd"], 2),
+             "fd_grid_real_same_n": round(rep["fd_real_same_n"], 2), "fd_features": round(rep["fd_features"], 3),
+             "kv_bytes_per_scale": r["kv_bytes"], **r["memory"]}
+      if base is None:
+        base = r
+      else:
+        rec["token_agreement"] = token_agreement(r["out"]["tokens"], base["out"]["tokens"], var_cfg.patch_nums)
+        rec["psnr_vs_plain"] = psnr(images, base["out"]["images"])
+        rec["images_per_s_vs_plain"] = round(base["seconds"] / r["seconds"], 3)
+      print(json.dumps(rec), flush=True)
 
 
 def main(argv=None):
@@ -251,7 +254,9 @@ def main(argv=None):
                  "timed, e.g. d30 on a small machine")
   p.add_argument("--eval_workdir", default="workdir/eval_model")
   p.add_argument("--num_per_class", type=int, default=50)
-  p.add_argument("--quality_cfg", type=float, default=1.5)
+  p.add_argument("--quality_plans", default="plain,kv=10%,prune=default,kv=10%+prune=default",
+                 help="plans of the quality setting (scale indices of the evaluation model's schedule)")
+  p.add_argument("--quality_cfgs", default="1.5", help="guidance scales of the quality setting")
   p.add_argument("--quick", action="store_true", help="a smoke run: batch 2, 10 samples per class")
   args = p.parse_args(argv)
   if args.quick:
