@@ -41,3 +41,14 @@ def fid_io(fid_dir) -> dict:
 
   with np.load(fid_dir / "inception_io.npz") as z:
     return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Most XLA optimisation passes off for one test module: compiling whole samplers several times is the slow part
+  on 2 CPU cores. Modules opt in with `pytestmark = pytest.mark.usefixtures("fast_compile")`; the CLI tests and
+  tests/test_sampler_optimized.py check parity fully optimised."""
+  prev = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", prev)

@@ -15,14 +15,7 @@ from var import sampler as sampler_lib
 from var.model import PATCH_NUMS_256
 from var.plan import SelectStep
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Most XLA optimisation passes off: compiling a sampler per draft_steps is the slow part on 2 CPU cores."""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ----------------------------------------------------------------------------------------------------------------

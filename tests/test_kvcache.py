@@ -19,12 +19,7 @@ from var.plan import PruneStep, ScalePlan
 PN6 = (1, 2, 3, 4, 5, 6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -297,13 +297,7 @@ def test_apply_capacities():
 PN6 = (1, 2, 3, 4, 5, 6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Most XLA optimisation passes off: compiling the sampler is the slow part on 2 CPU cores."""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

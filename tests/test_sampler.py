@@ -27,14 +27,7 @@ def greedy(t1):
   return sampler_lib.Sampler(var, vae, sampler_lib.SamplingConfig(cfg=1.5, top_k=1), return_logits=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Most XLA optimisation passes off in this module: compiling the whole sampler several times is the slow part
-  of these tests on 2 CPU cores. (The CLI test in test_sample_cli.py checks greedy parity fully optimised.)"""
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _check_against_teacher_forcing(var, vae, out, labels, ts):

@@ -182,12 +182,7 @@ def test_final_selections_stay_within_groups():
 # In the sampler (T1 fixture, 4 scales)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  prev = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
