@@ -52,3 +52,18 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", prev)
+
+
+@pytest.fixture(scope="session")
+def t1(shared_dir):
+  """The official fixture T1 (tiny VAR + the shared VQVAE, 4 scales) -> (var, vae, io: the golden outputs)."""
+  import numpy as np
+
+  from tokenizer import VQVAEConfig, load_official_vqvae
+  from var import model as var_model
+  from var import official
+
+  root = shared_dir / "fixtures" / "var"
+  var = official.load_state_dict(var_model.build(var_model.preset("tiny")), dict(np.load(root / "T1" / "var.npz")))
+  vae = load_official_vqvae(dict(np.load(root / "vae_shared.npz")), VQVAEConfig.preset("t1"))
+  return var, vae, dict(np.load(root / "T1" / "io.npz"))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokenizer import VQVAE, VQVAEConfig, load_official_vqvae
+from tokenizer import VQVAE, VQVAEConfig
 from tokenizer.resample import area_matrix
-from var import kvcompress, official, pruning
+from var import kvcompress, pruning
 from var import model as var_model
 from var import plan as plan_lib
 from var import sampler as sampler_lib
@@ -20,14 +20,6 @@ PN6 = (1, 2, 3, 4, 5, 6)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
-@pytest.fixture(scope="module")
-def t1(shared_dir):
-  root = shared_dir / "fixtures" / "var"
-  var = official.load_state_dict(var_model.build(var_model.preset("tiny")), dict(np.load(root / "T1" / "var.npz")))
-  vae = load_official_vqvae(dict(np.load(root / "vae_shared.npz")), VQVAEConfig.preset("t1"))
-  return var, vae, dict(np.load(root / "T1" / "io.npz"))
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokenizer import VQVAEConfig, load_official_vqvae
-from var import editing, official
+from var import editing
 from var import model as var_model
 from var import sampler as sampler_lib
 from var.plan import PruneStep, ScalePlan, SelectStep
-
-
-@pytest.fixture(scope="module")
-def t1(shared_dir):
-  root = shared_dir / "fixtures" / "var"
-  var = official.load_state_dict(var_model.build(var_model.preset("tiny")), dict(np.load(root / "T1" / "var.npz")))
-  vae = load_official_vqvae(dict(np.load(root / "vae_shared.npz")), VQVAEConfig.preset("t1"))
-  return var, vae, dict(np.load(root / "T1" / "io.npz"))
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokenizer import VQVAEConfig, load_official_vqvae
-from var import model as var_model
-from var import official, search
 from var import sampler as sampler_lib
+from var import search
 from var.plan import ScalePlan
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,11 +184,9 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
-def t1(shared_dir):
-  root = shared_dir / "fixtures" / "var"
-  var = official.load_state_dict(var_model.build(var_model.preset("tiny")), dict(np.load(root / "T1" / "var.npz")))
-  vae = load_official_vqvae(dict(np.load(root / "vae_shared.npz")), VQVAEConfig.preset("t1"))
-  return var, vae
+def t1(t1):
+  """conftest's T1 fixture models without the golden io."""
+  return t1[:2]
 
 
 SAMPLING = sampler_lib.SamplingConfig(cfg=1.5)  # random draws: every seed gives another sample
