@@ -74,7 +74,7 @@ def test_compose_with_a_kv_and_pruning_plan():
 
   reward = lambda images, labels: images.mean((1, 2, 3))
   tts = search.make_search(search.SearchSpec("tts", 1, reward, lambda i, lab: i), 4, 2)
-  prune = PruneStep(keep=4, layers=(0, 1), cache_scale=0)
+  prune = PruneStep(keep=4, first=0, last=2, cache_scale=1)
   other = ScalePlan.plain(4, 2).replace(2, kv_capacity=(10, 12)).replace(3, prune=prune, cfg_on=False)
   both = search.compose(tts.plan, other)
   assert [s.batch for s in both.steps] == [s.batch for s in tts.plan.steps]
