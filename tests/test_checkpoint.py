@@ -19,12 +19,7 @@ from var import sharding as shd
 from var.checkpoint import Checkpointer, CheckpointError
 from var.digits_builder import prepare
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

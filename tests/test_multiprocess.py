@@ -17,17 +17,12 @@ from var import sharding as shd
 from var.checkpoint import Checkpointer
 from var.digits_builder import prepare
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("fast_compile")]
 
 TIMEOUT = 480  # seconds for one 2-process job; about a minute on an idle 2-core machine
 CHILD_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}  # what the in-process runs use (fast compiles)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
 
 
 @pytest.fixture(scope="module")

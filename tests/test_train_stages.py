@@ -15,12 +15,7 @@ from var.checkpoint import Checkpointer
 from var.digits_builder import prepare
 from var.pretrained import load_tokenizer, load_var
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
