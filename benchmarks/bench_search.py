@@ -37,7 +37,7 @@ def _parse_method(name: str) -> tuple[str, int]:
 
 
 def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5), methods=DEFAULT_METHODS,
-        seed: int = 0, batch: int = 10, top_k: int = 0, top_p: float = 0.0, crop_scale: float = 1.125,
+        seed: int = 0, batch: int = 10, top_k: int = 0, top_p: float = 0.0, crop_scale: float = 1.0,
         lam: float = 10.0, potential: str = "value", schedule=search.DEFAULT_SCHEDULE) -> list[dict]:
   """Samples `per_class` images of every class per (cfg, method) and judges them; returns the result rows.
 
@@ -103,6 +103,8 @@ def main(argv=None):
   p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
   p.add_argument("--batch", type=int, default=10, help="requested images per sampler call")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--crop_scale", type=float, default=1.0,
+                 help="the generator's input crop_scale (configs/digits_*: 1.0): the judge sees the real digits so")
   p.add_argument("--schedule", default=None, help="TTS-VAR schedule (default: the 13-scale one, mapped)")
   p.add_argument("--potential", default="value")
   p.add_argument("--quick", action="store_true", help="2 per class, cfg 1.5, plain/bon2/tts1/reject4 (a smoke run)")
@@ -111,7 +113,7 @@ def main(argv=None):
   if args.quick:
     per_class, cfgs, methods = 2, [1.5], ["plain", "bon2", "tts1", "reject4"]
   rows = run(args.model, args.reward, per_class=per_class, cfgs=cfgs, methods=methods, seed=args.seed,
-             batch=args.batch, potential=args.potential,
+             batch=args.batch, potential=args.potential, crop_scale=args.crop_scale,
              schedule=search.parse_schedule(args.schedule) if args.schedule else search.DEFAULT_SCHEDULE)
   print(table(rows))
 
