@@ -358,3 +358,21 @@ def test_tts_with_fastvar_gathers_the_restoration_tensors(t1):
     group = range(g * srch.rows, (g + 1) * srch.rows)
     runs = [np.asarray(alone(cand_labels[j:j + 1], cand_seeds[j:j + 1])["tokens"][0]) for j in group]
     assert sum((r == np.asarray(out["tokens"][g])).all() for r in runs) >= 1
+
+
+def test_tts_on_the_mesh_equals_one_device(t1):
+  """TTS-VAR (N=1: 8 -> 6 clustering, -> 2 resampling, final argmax) with two classes on the 8 fake devices: the
+  candidates of one class sit on different devices and the k-means / resampling run on the global (gathered) batch
+  inside the one jitted program, so the survivors and their images equal the single-device run's."""
+  from var import sharding
+
+  var, vae = t1
+  spec = search.SearchSpec("tts", 1, _reward, _features, potential="max")
+  labels, seeds = np.asarray([3, 7]), np.asarray([4, 9])
+  alone = search.SearchSampler(var, vae, SAMPLING, spec)(labels, seeds)
+  mesh = sharding.make_mesh((8, 1, 1))
+  sharded = search.SearchSampler(var, vae, SAMPLING, spec, mesh=mesh)
+  on_mesh = sharded(labels, seeds)
+  assert sharded.search_for(2)[1].mesh is mesh and sharded.search_for(2)[0].rows == 8  # 16 candidate rows
+  np.testing.assert_array_equal(np.asarray(on_mesh["tokens"]), np.asarray(alone["tokens"]))
+  np.testing.assert_allclose(np.asarray(on_mesh["images"]), np.asarray(alone["images"]), atol=1e-5, rtol=0)
