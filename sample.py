@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="tts / is: weights exp(lambda * potential) (default 10)")
   p.add_argument("--search_schedule", default=None, help="tts candidates per group after each scale, x N (default "
                  "8,8,6,6,6,4,2,2,2,1,1,1,1 mapped onto the model's scales)")
+  p.add_argument("--resample_draw", default=None, choices=["replacement", "distinct"],
+                 help="tts resampling: i.i.d. with replacement as the paper (default; a candidate drawn twice goes on "
+                 "as two with their own random streams) or distinct candidates (without replacement)")
   return p
 
 

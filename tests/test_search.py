@@ -8,7 +8,7 @@ import pytest
 
 from var import sampler as sampler_lib
 from var import search
-from var.plan import ScalePlan
+from var.plan import ScalePlan, SelectStep
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules and plans (no model)
@@ -151,6 +151,17 @@ def test_resampling_large_lambda_nan_guards_and_uniform_fallback():
     jax.random.split(jax.random.key(1), 4000)))[:, 0], minlength=4)
   assert counts.min() > 850  # uniform: about 1000 each
   np.testing.assert_array_equal(search.top_rewards(jnp.asarray([jnp.nan, 1.0, 3.0, -jnp.inf]), 2), [2, 1])
+
+
+def test_resampling_with_replacement_duplicates_the_best():
+  """The paper's i.i.d. draw: lambda -> large draws the best every time; lambda 0 and all-NaN draw uniformly."""
+  phi = jnp.asarray([0.1, 0.9, jnp.nan, 0.5])
+  np.testing.assert_array_equal(search.resample(phi, 3, jax.random.key(0), 1e6, replacement=True), [1, 1, 1])
+  keys = jax.random.split(jax.random.key(2), 1000)
+  for p, lam in [(jnp.asarray([0.0, 5.0, -3.0, 1.0]), 0.0), (jnp.full((4,), jnp.nan), 10.0)]:
+    draws = np.asarray(jax.vmap(lambda k, p=p, lam=lam: search.resample(p, 4, k, lam, replacement=True))(keys))
+    counts = np.bincount(draws.reshape(-1), minlength=4)
+    assert counts.min() > 850 and counts.max() < 1150  # about 1000 each
 
 
 def _ctx(si, rewards_per_row):
@@ -308,6 +319,7 @@ def test_cli_search_errors_before_compiling(model_dir, tmp_path):
     (["--search", "bon", "--reward", clf, "--features", "classifier"], "--features do not apply to --search bon"),
     (["--search", "reject", "--reward", clf, "--lambda", "3"], "--lambda do not apply"),
     (["--search", "tts", "--reward", clf, "--potential", "best"], "--potential 'best'"),
+    (["--search", "bon", "--reward", clf, "--resample_draw", "distinct"], "--resample_draw do not apply"),
     (["--search", "tts", "--reward", "var.rewards:classifier_reward"], "has no features for TTS-VAR's clustering"),
   ]
   for extra, match in cases:
@@ -376,3 +388,16 @@ def test_tts_on_the_mesh_equals_one_device(t1):
   assert sharded.search_for(2)[1].mesh is mesh and sharded.search_for(2)[0].rows == 8  # 16 candidate rows
   np.testing.assert_array_equal(np.asarray(on_mesh["tokens"]), np.asarray(alone["tokens"]))
   np.testing.assert_allclose(np.asarray(on_mesh["images"]), np.asarray(alone["images"]), atol=1e-5, rtol=0)
+
+
+def test_a_candidate_kept_twice_goes_on_with_its_own_stream(t1, one_by_one):
+  """A selection that keeps row 0 twice (a with-replacement draw) after scale 1: the first copy stays the plain
+  sample of its seed; the second shares its tokens up to the selection and draws other tokens after it."""
+  var, vae = t1
+  plan = ScalePlan.plain(4, 2, SAMPLING.cfg).replace(1, select=SelectStep("twice", 2))
+  hooks = sampler_lib.SamplerHooks(select={"twice": lambda ctx, key: jnp.zeros((2,), jnp.int32)})
+  out = sampler_lib.Sampler(var, vae, SAMPLING, plan=plan, hooks=hooks)(np.asarray([3, 7]), np.asarray([5, 6]))
+  tokens = np.asarray(out["tokens"])
+  np.testing.assert_array_equal(tokens[0], one_by_one(3, 5)[0])
+  np.testing.assert_array_equal(tokens[1, :5], tokens[0, :5])  # scales 0 and 1: 1 + 4 tokens
+  assert (tokens[1, 5:] != tokens[0, 5:]).mean() > 0.3

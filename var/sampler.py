@@ -560,6 +560,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
       row_idx = jnp.concatenate([keep_idx, keep_idx + b]) if cfg_rows else keep_idx
       states = {k: _rows(st, row_idx) for k, st in states.items()}
       f_hat, labels, base_keys = _take_rows((f_hat, labels, base_keys), keep_idx)
+      base_keys = _rekey_copies(base_keys, keep_idx, si)
       tokens, x_hist, logits_out, cond_logits_out = (
         _take_rows(lst, keep_idx) for lst in (tokens, x_hist, logits_out, cond_logits_out))
       if edit is not None:
@@ -577,6 +578,18 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
     out["cond_logits"] = jnp.concatenate(cond_logits_out, axis=1)
     out["kv_index"] = kv_index_out
   return out
+
+
+def _rekey_copies(keys: jax.Array, keep_idx: jax.Array, si: int) -> jax.Array:
+  """Gives every repeated survivor of a selection (a with-replacement draw kept row r twice) its own random
+  stream from the next scale on: a row's draws are its key's, so an unchanged copy would repeat its original
+  token for token. The first copy of each row keeps its key (it stays the sample of its seed)."""
+  n = keep_idx.shape[0]
+  earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
+  copy = jnp.sum((keep_idx[:, None] == keep_idx[None, :]) & earlier, axis=1)  # (n,) 0 for a row's first copy
+  fresh = jax.vmap(lambda k, c: jax.random.fold_in(jax.random.fold_in(k, 20_000 + si), c))(keys, copy)
+  data = jnp.where((copy > 0)[:, None], jax.random.key_data(fresh), jax.random.key_data(keys))
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
 
 
 def _dup(x: jax.Array, cfg_on: bool) -> jax.Array:

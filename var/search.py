@@ -22,9 +22,10 @@ select hooks (var/plan.py contract), batched over many requested images at once:
     clusters re-seeded at the farthest points), keeping the member closest to each centroid (distinct members).
   - Resampling: potential over the reward history (VALUE, DIFF, SUM, MAX, topK; the history holds the reward at
     every selection scale, kept in the select carry), weights exp(lambda * potential), non-finite potentials
-    weigh 0 and an all-invalid group falls back to uniform. The draw is WITHOUT replacement (Gumbel top-k),
-    unlike the paper's i.i.d. draw: in this loop a candidate's randomness is its seed, so a duplicate would
-    repeat its original token for token and waste its row.
+    weigh 0 and an all-invalid group falls back to uniform. `draw='replacement'` (default) is the paper's i.i.d.
+    draw with replacement: a candidate drawn twice continues as two candidates, the loop gives each later copy
+    its own random stream (var/sampler.py `_rekey_copies`; the reference gets this from one global torch
+    generator). `draw='distinct'` draws without replacement (Gumbel top-k): every survivor is another candidate.
 * Best-of-N: N independent samples per requested image, the argmax of the reward at the last scale.
 * Importance sampling (the TTS-VAR paper's baseline): N samples, one drawn per group with probability
   proportional to exp(lambda * reward).
@@ -53,6 +54,7 @@ DEFAULT_RESAMPLE_FROM = 0.5  # relative position of the default's first resampli
 SEED_STRIDE = 1_000_003  # candidate j of seed s uses s + j * SEED_STRIDE
 METHODS = ("tts", "bon", "is", "reject")
 POTENTIALS = ("value", "diff", "sum", "max", "topk")
+DRAWS = ("replacement", "distinct")  # TTS-VAR resampling: the paper's i.i.d. draw, or without replacement
 KMEANS_KEY = 0  # the fixed k-means++ seeding key (the reference uses sklearn's random_state=0)
 
 
@@ -213,13 +215,16 @@ def potential(history: jax.Array, kind: str = "value", topk: int = 2) -> jax.Arr
   raise ValueError(f"potential {kind!r}: use one of {POTENTIALS}")
 
 
-def resample(phi: jax.Array, keep: int, key: jax.Array, lam: float) -> jax.Array:
-  """(keep,) distinct indices drawn from Categorical(exp(lam * phi)) without replacement (Gumbel top-k).
-  Non-finite potentials weigh 0 (drawn last); if none is finite the draw is uniform."""
+def resample(phi: jax.Array, keep: int, key: jax.Array, lam: float, replacement: bool = False) -> jax.Array:
+  """(keep,) indices drawn from Categorical(exp(lam * phi)): i.i.d. with replacement (the TTS-VAR paper) or
+  distinct, without replacement (Gumbel top-k). Non-finite potentials weigh 0 (drawn last without replacement);
+  if none is finite the draw is uniform."""
   valid = jnp.isfinite(phi)
   best = jnp.max(jnp.where(valid, phi, -jnp.inf))
   logits = jnp.where(valid, lam * (phi - best), -jnp.inf)  # <= 0: exp never overflows, any lambda
   logits = jnp.where(valid.any(), logits, 0.0)
+  if replacement:
+    return jax.random.categorical(key, logits, shape=(keep,)).astype(jnp.int32)
   scores = logits + jax.random.gumbel(key, phi.shape)
   return jax.lax.top_k(scores, keep)[1].astype(jnp.int32)
 
@@ -245,6 +250,7 @@ class SearchSpec:
   potential: str = "value"
   topk: int = 2  # the k of potential 'topk'
   lam: float = 10.0  # tts resampling and importance sampling
+  draw: str = "replacement"  # tts resampling: "replacement" (the paper) or "distinct"
   feature_mode: str = "pca"
   sign_fix: bool = True
   keep: int = 1  # reject: images kept per requested image
@@ -262,6 +268,8 @@ class SearchSpec:
       raise ValueError(f"topk={self.topk} must be >= 1")
     if not (math.isfinite(self.lam) and self.lam >= 0):
       raise ValueError(f"lambda={self.lam} must be finite and >= 0")
+    if self.draw not in DRAWS:
+      raise ValueError(f"resampling draw {self.draw!r}: use one of {DRAWS}")
     if self.feature_mode not in ("pca", "pool"):
       raise ValueError(f"feature mode {self.feature_mode!r}: use 'pca' or 'pool'")
     if self.method == "reject" and not 1 <= self.keep <= self.n:
@@ -356,7 +364,7 @@ def _hooks(spec: SearchSpec, groups: int, sizes: dict[int, tuple[int, int]], sel
     hist = hist.at[:, col].set(reward(images, ctx["labels"]))
     phi = potential(hist[:, :col + 1], spec.potential, spec.topk).reshape(g, n)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(g))
-    local = jax.vmap(lambda p, kk: resample(p, k, kk, spec.lam))(phi, keys)
+    local = jax.vmap(lambda p, kk: resample(p, k, kk, spec.lam, spec.draw == "replacement"))(phi, keys)
     return globalise(local, n), {"rewards": hist}
 
   def final(ctx, key):
@@ -438,20 +446,23 @@ def spec_from_args(args, *, num_classes: int, image_size: int, num_scales: int) 
   names the flag and the fix, before anything is compiled."""
   from var import rewards
 
+  draw = args.resample_draw
   only_search = {"--search_n": args.search_n, "--reward": args.reward, "--features": args.features,
-                 "--potential": args.potential, "--lambda": args.lam, "--search_schedule": args.search_schedule}
+                 "--potential": args.potential, "--lambda": args.lam, "--search_schedule": args.search_schedule,
+                 "--resample_draw": draw}
   if args.search is None:
     given = [k for k, v in only_search.items() if v is not None]
     if given:
       raise ValueError(f"{', '.join(given)} only apply with --search tts|bon|is|reject")
     return None
-  tts_only = {"--features": args.features, "--potential": args.potential, "--search_schedule": args.search_schedule}
+  tts_only = {"--features": args.features, "--potential": args.potential, "--search_schedule": args.search_schedule,
+              "--resample_draw": draw}
   wrong = [k for k, v in tts_only.items() if v is not None and args.search != "tts"]
   if args.lam is not None and args.search not in ("tts", "is"):
     wrong.append("--lambda")
   if wrong:
-    raise ValueError(f"{', '.join(wrong)} do not apply to --search {args.search} (features, potential and schedule "
-                     "are TTS-VAR's; lambda is TTS-VAR's and importance sampling's)")
+    raise ValueError(f"{', '.join(wrong)} do not apply to --search {args.search} (features, potential, schedule "
+                     "and resample_draw are TTS-VAR's; lambda is TTS-VAR's and importance sampling's)")
   n = args.search_n if args.search_n is not None else (1 if args.search == "tts" else 4)
   if n < 1:
     raise ValueError(f"--search_n {n} must be >= 1")
@@ -466,6 +477,8 @@ def spec_from_args(args, *, num_classes: int, image_size: int, num_scales: int) 
                                                 image_size=image_size)
     elif reward_features is not None:
       kw["features"] = reward_features
+    if draw is not None:
+      kw["draw"] = draw
     potential = args.potential or "value"
     if potential.startswith("topk") and potential[4:].isdigit():
       kw["potential"], kw["topk"] = "topk", int(potential[4:])
