@@ -232,7 +232,7 @@ def test_tts_survivors_are_their_groups_samples(t1, one_by_one):
   argmax): every returned sample equals, token for token, the plain sample of one of its OWN group's seeds (the
   loop gathered cache rows, f_hat, next input, labels and seeds correctly, and groups never mixed)."""
   var, vae = t1
-  spec = search.SearchSpec("tts", 1, _reward, _features, potential="max")
+  spec = search.SearchSpec("tts", 1, _reward, _features, potential="max", draw="distinct")  # no re-keyed copies
   s = search.SearchSampler(var, vae, SAMPLING, spec)
   labels, seeds = np.asarray([3, 7]), np.asarray([0, 1])
   out = s(labels, seeds)
@@ -357,7 +357,8 @@ def test_tts_with_fastvar_gathers_the_restoration_tensors(t1):
 
   var, vae = t1
   prune = lambda p: plan_lib.apply_techniques(p, var.config, prune={3: 0.5})  # noqa: E731
-  s = search.SearchSampler(var, vae, SAMPLING, search.SearchSpec("tts", 1, _reward, _features), techniques=prune,
+  s = search.SearchSampler(var, vae, SAMPLING, search.SearchSpec("tts", 1, _reward, _features, draw="distinct"),
+                           techniques=prune,
                            kv_dtype="float32")
   labels, seeds = np.asarray([3, 7]), np.asarray([0, 1])
   out = s(labels, seeds)
