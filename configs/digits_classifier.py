@@ -16,7 +16,7 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, runlocal=False, steps=1500, resolution=16, seed=17)
+  arg = common.parse_arg(arg, runlocal=False, steps=3000, resolution=16, seed=17, crop_scale=1.0)
   c = ml_collections.ConfigDict()
   c.resolution = arg.resolution  # the generator's image size (configs/digits_tokenizer.py: 16)
   c.channels = (32, 64)  # conv stages; each is followed by a 2x2 average pool
@@ -25,7 +25,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.steps = 20 if arg.runlocal else arg.steps
   c.batch_size = 128
   c.learning_rate = 2e-3
-  c.crop_scale = 1.0 if arg.runlocal else 1.125  # as the generator's input pipeline (configs/common.py)
-  c.views = 1 if arg.runlocal else 4  # pre-drawn random crops per training image
+  c.crop_scale = arg.crop_scale  # as the generator's input pipeline (configs/digits_*: 1.0, no crop)
+  c.views = 1 if arg.runlocal or arg.crop_scale == 1.0 else 4  # pre-drawn random crops per training image
   c.max_shift = 2  # pixels, drawn per step
   return c
