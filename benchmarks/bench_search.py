@@ -2,7 +2,8 @@
 never sees), and the cost, for every method at the same seeds.
 
   python -m benchmarks.bench_search --model workdir/demo/var/model --reward workdir/digits_reward \\
-      [--per_class 50] [--cfgs 0,1.5] [--methods plain,bon2,bon4,bon8,tts1,tts2,tts4,reject4] [--quick]
+      [--per_class 50] [--cfgs 0,1.5] [--methods plain,bon2,bon4,bon8,tts1,tts2,tts4,reject4] [--crop_scale 1.0] \\
+      [--potential value] [--draw replacement|distinct] [--quick]
 
 The reward is the digits reward classifier (python -m var.rewards train-digits-classifier), its feature map the
 TTS-VAR clustering features; the judge is var/eval/digits_quality.py's independent MLP. Requested image i of
@@ -38,7 +39,8 @@ def _parse_method(name: str) -> tuple[str, int]:
 
 def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5), methods=DEFAULT_METHODS,
         seed: int = 0, batch: int = 10, top_k: int = 0, top_p: float = 0.0, crop_scale: float = 1.0,
-        lam: float = 10.0, potential: str = "value", schedule=search.DEFAULT_SCHEDULE) -> list[dict]:
+        lam: float = 10.0, potential: str = "value", schedule=search.DEFAULT_SCHEDULE,
+        draw: str = "replacement") -> list[dict]:
   """Samples `per_class` images of every class per (cfg, method) and judges them; returns the result rows.
 
   `batch` requested images per sampler call (each with its candidates); `crop_scale` is the generator's input
@@ -64,7 +66,7 @@ def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5)
       else:
         kw = {}
         if method == "tts":
-          kw = dict(features=clf.tokens, lam=lam, potential=potential, schedule=tuple(schedule))
+          kw = dict(features=clf.tokens, lam=lam, potential=potential, schedule=tuple(schedule), draw=draw)
         elif method == "is":
           kw = dict(lam=lam)
         s = search.SearchSampler(var, vae, sampling, search.SearchSpec(method, m, clf.reward, **kw))
@@ -75,7 +77,8 @@ def run(model_dir: str, reward_dir: str, *, per_class: int = 50, cfgs=(0.0, 1.5)
                 for i in range(0, n, batch)]
       wall = time.perf_counter() - t0
       q = judge.report(np.concatenate(images), labels, value_range="[0,1]")
-      row = {"cfg": cfg, "method": name, "accuracy": round(q["accuracy"], 4), "fd": round(q["fd"], 3),
+      label = name + (f"-{draw}" if method == "tts" and draw != "replacement" else "")
+      row = {"cfg": cfg, "method": label, "accuracy": round(q["accuracy"], 4), "fd": round(q["fd"], 3),
              "fd_real_same_n": round(q["fd_real_same_n"], 3), "token_forwards_x": round(forwards / plain_forwards, 2),
              "wall_s": round(wall, 2), "compile_s": round(compile_s, 1), "num_images": n,
              "judge_test_accuracy": round(q["judge_test_accuracy"], 4)}
@@ -107,13 +110,14 @@ def main(argv=None):
                  help="the generator's input crop_scale (configs/digits_*: 1.0): the judge sees the real digits so")
   p.add_argument("--schedule", default=None, help="TTS-VAR schedule (default: the 13-scale one, mapped)")
   p.add_argument("--potential", default="value")
+  p.add_argument("--draw", default="replacement", choices=search.DRAWS, help="TTS-VAR resampling draw")
   p.add_argument("--quick", action="store_true", help="2 per class, cfg 1.5, plain/bon2/tts1/reject4 (a smoke run)")
   args = p.parse_args(argv)
   per_class, cfgs, methods = args.per_class, [float(c) for c in args.cfgs.split(",")], args.methods.split(",")
   if args.quick:
     per_class, cfgs, methods = 2, [1.5], ["plain", "bon2", "tts1", "reject4"]
   rows = run(args.model, args.reward, per_class=per_class, cfgs=cfgs, methods=methods, seed=args.seed,
-             batch=args.batch, potential=args.potential, crop_scale=args.crop_scale,
+             batch=args.batch, potential=args.potential, crop_scale=args.crop_scale, draw=args.draw,
              schedule=search.parse_schedule(args.schedule) if args.schedule else search.DEFAULT_SCHEDULE)
   print(table(rows))
 
