@@ -18,14 +18,15 @@ configs/digits_code.py the fine-tuned pair), judged as var/eval/eval_model.py `s
 to the real held-out digits beside the real-vs-real figure at the same N, and the Frechet distance in the judge's
 features) for: the large model alone, the small one alone, training-free CoDe at every N in --draft_steps_list
 (default 2..S-1), and the fine-tuned pair (--drafter_ft / --refiner_ft) at --ft_draft_steps (with the
-training-free pair at that N), at every cfg in --cfgs. Sample i of every setting uses seed --seed + i (class-major,
---num_per_class per digit), drawn in calls of --digits_batch. Each line also gives the token positions each model
-forwards per image row, `relative_cost` (parameter-weighted token forwards over the large model alone's: the
-linear layers' work, attention left out), and the compile and sampling seconds:
+training-free pair at that N; --ft_only: the fine-tuned pair alone), at every cfg in --cfgs. Sample i of every
+setting uses seed --seed + i (class-major, --num_per_class per digit), drawn in calls of --digits_batch. Each line
+also gives the token positions each model forwards per image row, `relative_cost` (parameter-weighted token
+forwards over the large model alone's: the linear layers' work, attention left out), and the compile and sampling
+seconds:
 
   python -m benchmarks.bench_code --digits --large workdir/var_d8/model --small workdir/eval_model/var/model \
       [--cfgs 1.5,0] [--num_per_class 50] \
-      [--drafter_ft workdir/code_drafter/model --refiner_ft workdir/code_refiner/model --ft_draft_steps 4 [--ft_only]]
+      [--drafter_ft workdir/code_drafter/model --refiner_ft workdir/code_refiner/model --ft_draft_steps 5 [--ft_only]]
 
 --quick: a smoke run on tiny random models (depth 4 / width 128 drafter, depth 2 / width 64 refiner, 64-token
 vocabulary, the small fixture VQVAE at 64px on the 10-scale schedule), batches 2 and 4, one timed run: it checks
@@ -143,7 +144,7 @@ def digits_quality(args) -> None:
         run("CoDe training-free", d, r, n, cfg)
     if ft is not None:
       run("CoDe fine-tuned", ft["drafter"], ft["refiner"], args.ft_draft_steps, cfg)
-      if args.ft_only or args.ft_draft_steps not in ns:  # the training-free pair at the same N, to compare
+      if not args.ft_only and args.ft_draft_steps not in ns:  # the training-free pair at the same N, to compare
         run("CoDe training-free", d, r, args.ft_draft_steps, cfg)
 
 
@@ -168,7 +169,7 @@ def main(argv=None):
   p.add_argument("--cfgs", default="1.5", help="--digits: comma-separated guidance scales (e.g. 1.5,0)")
   p.add_argument("--digits_batch", type=int, default=100, help="--digits: images per sampler call")
   p.add_argument("--ft_only", action="store_true",
-                 help="--digits: only the fine-tuned pair and the training-free pair at --ft_draft_steps")
+                 help="--digits: only the fine-tuned pair (a full run's rows at the same seeds give the rest)")
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=0.0)
   p.add_argument("--crop_scale", type=float, default=1.0,
