@@ -11,14 +11,22 @@ included. Prints JSON lines:
   --memory_gb, else d24, and says which and why;
 * "sample": per (batch, plan) compile seconds, images/s, the compiled temp bytes (XLA memory analysis: KV caches
   and activations), and CoDe's images/s ratio over the drafter alone measured in the same run.
-Digits quality (`--digits`): models trained on the embedded UCI digits with the same tokenizer (configs/digits_var.py
-at depth 8 and depth 4, configs/digits_code.py for the fine-tuned pair), judged by var/eval/digits_quality.py
-(class accuracy of the generated digits, Frechet distance in the judge's feature space) for: the large model
-alone, the small one alone, training-free CoDe at every N in --draft_steps_list (default 2..S-1), and the
-fine-tuned pair (--drafter_ft / --refiner_ft) at --ft_draft_steps:
+Digits quality (`--digits`): a large and a small VAR trained on the embedded UCI digits with the same tokenizer
+(the 7-scale evaluation tokenizer of var/eval/eval_model.py; configs/digits_eval_var.py documents both models,
+configs/digits_code.py the fine-tuned pair), judged as var/eval/eval_model.py `sample_report` does
+(var/eval/digits_quality.py `default_judge`: class accuracy of the generated digits, the 8x8-grid Frechet distance
+to the real held-out digits beside the real-vs-real figure at the same N, and the Frechet distance in the judge's
+features) for: the large model alone, the small one alone, training-free CoDe at every N in --draft_steps_list
+(default 2..S-1), and the fine-tuned pair (--drafter_ft / --refiner_ft) at --ft_draft_steps (with the
+training-free pair at that N; --ft_only: the fine-tuned pair alone), at every cfg in --cfgs. Sample i of every
+setting uses seed --seed + i (class-major, --num_per_class per digit), drawn in calls of --digits_batch. Each line
+also gives the token positions each model forwards per image row, `relative_cost` (parameter-weighted token
+forwards over the large model alone's: the linear layers' work, attention left out), and the compile and sampling
+seconds:
 
-  python -m benchmarks.bench_code --digits --large workdir/var_d8/model --small workdir/var_d4/model \
-      [--drafter_ft workdir/code_drafter/model --refiner_ft workdir/code_refiner/model --ft_draft_steps 2]
+  python -m benchmarks.bench_code --digits --large workdir/var_d8/model --small workdir/eval_model/var/model \
+      [--cfgs 1.5,0] [--num_per_class 50] \
+      [--drafter_ft workdir/code_drafter/model --refiner_ft workdir/code_refiner/model --ft_draft_steps 5 [--ft_only]]
 
 --quick: a smoke run on tiny random models (depth 4 / width 128 drafter, depth 2 / width 64 refiner, 64-token
 vocabulary, the small fixture VQVAE at 64px on the 10-scale schedule), batches 2 and 4, one timed run: it checks
@@ -72,41 +80,72 @@ def _time(sampler, batch: int, iters: int) -> float:
   return best
 
 
+def token_forwards(patch_nums, draft_steps: int) -> dict:
+  """Token positions each model forwards per image row under a CoDe plan (cond and uncond rows alike): the
+  drafter the tokens of scales 0..N-1; the refiner all L tokens (its hand-over prefill covers scales 0..N, then
+  the later scales) unless N = S."""
+  total = sum(p * p for p in patch_nums)
+  drafted = sum(p * p for p in patch_nums[:draft_steps])
+  return {"drafter": drafted, "refiner": total if draft_steps < len(patch_nums) else 0}
+
+
 def digits_quality(args) -> None:
-  """The digits quality table (module docstring): one JSON line per setting."""
-  from var.eval.digits_quality import DigitsJudge
+  """The digits quality table (module docstring): one JSON line per (cfg, setting)."""
+  from var.eval.digits_quality import default_judge
 
   models, vae, vae_config = code.load_pair(args.large, args.small)
-  s = len(vae_config.patch_nums)
+  patch_nums = tuple(vae_config.patch_nums)
+  s = len(patch_nums)
   ns = (list(range(2, s)) if not args.draft_steps_list
         else [int(n) for n in args.draft_steps_list.split(",") if n])
-  sampling = sampler_lib.SamplingConfig(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-  labels = np.repeat(np.arange(10), args.num_per_class)
-  seeds = (args.seed + np.arange(labels.size)).astype(np.uint32)
-  judge = DigitsJudge.train(resolution=vae_config.image_size, seed=0, crop_scale=args.crop_scale)
+  labels = np.repeat(np.arange(10), args.num_per_class).astype(np.int32)
+  seeds = (args.seed + np.arange(labels.size)).astype(np.uint32)  # sample i: seed + i, whatever the chunking
+  batch = min(args.digits_batch, labels.size)
+  pad = -labels.size % batch
+  labels_p, seeds_p = np.pad(labels, (0, pad)), np.pad(seeds, (0, pad))  # padding samples are dropped
+  judge = default_judge(vae_config.image_size, crop_scale=args.crop_scale)  # eval_model.sample_report's judge
+  params = {k: var_model.param_count(m) for k, m in models.items()}
 
-  def run(name, drafter, refiner, n):
-    t0 = time.perf_counter()
-    sampler = code.code_sampler(drafter, refiner, vae, draft_steps=n, batch=labels.size, sampling=sampling,
+  def run(name, drafter, refiner, n, cfg):
+    sampling = sampler_lib.SamplingConfig(cfg=cfg, top_k=args.top_k, top_p=args.top_p)
+    sampler = code.code_sampler(drafter, refiner, vae, draft_steps=n, batch=batch, sampling=sampling,
                                 temperatures=None)
-    images = np.asarray(sampler(labels, seeds)["images"])
-    rep = judge.report(images, labels)
-    print(json.dumps({"bench": "code", "kind": "digits", "quick": args.quick, "setting": name, "draft_steps": n,
+    compile_s = sampler.compile(batch)
+    t0 = time.perf_counter()
+    chunks = [np.asarray(sampler(labels_p[i:i + batch], seeds_p[i:i + batch])["images"])
+              for i in range(0, labels_p.size, batch)]
+    sample_s = time.perf_counter() - t0
+    images = np.concatenate(chunks)[:labels.size]
+    rep = judge.report(images, labels, value_range="[0,1]")
+    tok = token_forwards(patch_nums, n)
+    # parameter-weighted token forwards (the linear layers' cost, attention left out) relative to the large alone
+    cost = (params["drafter"] * tok["drafter"] + params["refiner"] * tok["refiner"]) / (
+        params["drafter"] * sum(p * p for p in patch_nums))
+    print(json.dumps({"bench": "code", "kind": "digits", "setting": name, "draft_steps": n, "cfg": cfg,
                       "accuracy": rep["accuracy"], "fd": rep["fd"], "fd_real_same_n": rep["fd_real_same_n"],
-                      "judge_test_accuracy": rep["judge_test_accuracy"], "num_images": int(labels.size),
-                      "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+                      "fd_features": rep["fd_features"], "judge_test_accuracy": rep["judge_test_accuracy"],
+                      "num_images": int(labels.size), "token_forwards": tok, "relative_cost": round(cost, 3),
+                      "compile_s": round(compile_s, 1), "sample_s": round(sample_s, 1)}), flush=True)
 
   d, r = models["drafter"], models["refiner"]
-  run("large alone", d, r, s)
-  run("small alone", d, r, 0)
-  for n in ns:
-    run("CoDe training-free", d, r, n)
+  print(json.dumps({"bench": "code", "kind": "digits_pair", "large": args.large, "small": args.small,
+                    "params": params, "patch_nums": patch_nums, "crop_scale": args.crop_scale,
+                    "top_k": args.top_k, "top_p": args.top_p, "seeds": [args.seed, args.seed + int(labels.size)]}),
+        flush=True)
+  ft = None
   if args.drafter_ft:
     ft, _, _ = code.load_pair(args.drafter_ft, args.refiner_ft)
     code.check_shared_tokenizer(args.drafter_ft, args.large, names=("fine-tuned drafter", "large model"))
-    run("CoDe fine-tuned", ft["drafter"], ft["refiner"], args.ft_draft_steps)
-    if args.ft_draft_steps not in ns:  # the training-free pair at the same N, for the comparison
-      run("CoDe training-free", d, r, args.ft_draft_steps)
+  for cfg in [float(c) for c in args.cfgs.split(",") if c]:
+    if not args.ft_only:
+      run("large alone", d, r, s, cfg)
+      run("small alone", d, r, 0, cfg)
+      for n in ns:
+        run("CoDe training-free", d, r, n, cfg)
+    if ft is not None:
+      run("CoDe fine-tuned", ft["drafter"], ft["refiner"], args.ft_draft_steps, cfg)
+      if not args.ft_only and args.ft_draft_steps not in ns:  # the training-free pair at the same N, to compare
+        run("CoDe training-free", d, r, args.ft_draft_steps, cfg)
 
 
 def main(argv=None):
@@ -127,15 +166,21 @@ def main(argv=None):
   p.add_argument("--ft_draft_steps", type=int, default=2, help="--digits: N the fine-tuned pair was trained for")
   p.add_argument("--draft_steps_list", default="", help="--digits: comma-separated N (default 2..S-1)")
   p.add_argument("--num_per_class", type=int, default=20)
-  p.add_argument("--cfg", type=float, default=1.5)
+  p.add_argument("--cfgs", default="1.5", help="--digits: comma-separated guidance scales (e.g. 1.5,0)")
+  p.add_argument("--digits_batch", type=int, default=100, help="--digits: images per sampler call")
+  p.add_argument("--ft_only", action="store_true",
+                 help="--digits: only the fine-tuned pair (a full run's rows at the same seeds give the rest)")
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=0.0)
-  p.add_argument("--crop_scale", type=float, default=1.125, help="--digits: the generator's input crop_scale")
+  p.add_argument("--crop_scale", type=float, default=1.0,
+                 help="--digits: the generators' input crop_scale (configs/digits_var.py: 1.0)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   if args.digits:
     if not (args.large and args.small) or bool(args.drafter_ft) != bool(args.refiner_ft):
       p.error("--digits needs --large and --small, and --drafter_ft with --refiner_ft")
+    if args.ft_only and not args.drafter_ft:
+      p.error("--ft_only needs --drafter_ft and --refiner_ft")
     return digits_quality(args)
   batches = [int(b) for b in args.batch_sizes.split(",") if b]
 

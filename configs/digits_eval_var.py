@@ -4,6 +4,15 @@ tokenizer (configs/digits_eval_tokenizer.py), recipe and size as configs/digits_
 
   python train.py --config configs/digits_eval_var.py --workdir workdir/eval_model/var \
       --config.tokenizer_dir workdir/eval_model/tokenizer/model
+
+The large model of the CoDe digits table (benchmarks/bench_code.py --digits; the evaluation VAR above is the
+small one): the same recipe, steps, batch and seed at depth 8 on the same tokenizer. Width 128 keeps the run near
+40 min on a shared 2-core CPU (width 256 measured ~12 s/step there, two hours):
+
+  python train.py --config configs/digits_eval_var.py:depth=8 --workdir workdir/eval_model_d8/var \
+      --config.tokenizer_dir workdir/eval_model/tokenizer/model
+
+Any configs/digits_var.py argument passes through (depth, width, steps, batch, tblr, crop_scale).
 """
 
 import ml_collections
