@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--kv_pooling", default="avg", choices=["avg", "max"], help="ScaleKV score pooling (kernel 5)")
   p.add_argument("--kv_dtype", default=None, choices=["float32", "bfloat16"],
                  help="KV-cache dtype (default: the activation dtype); bfloat16 halves the cache bytes")
+  p.add_argument("--decode_dtype", default=None, choices=["float32", "bfloat16"],
+                 help="activation dtype of the final VQVAE decode (default: the tokenizer's, float32); bfloat16 is "
+                 "faster and changes pixels slightly, never tokens")
   p.add_argument("--prune", default=None, help="FastVAR: SCALE:RATIO,... (scale indices; ratio 1 skips a trailing "
                  "scale) or 'default' for the measured schedule of the model's patch_nums")
   p.add_argument("--prune_layers", default=None, help="FastVAR pruned layers A:B (default: every layer)")
@@ -203,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
   spec = search.spec_from_args(args, num_classes=num_classes, image_size=vae_config.image_size,
                                num_scales=len(vae_config.patch_nums))
   if spec is None:
-    s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan, kv_dtype=args.kv_dtype)
+    s = sampler.Sampler(var, vae, sampling, mesh=mesh, plan=plan, kv_dtype=args.kv_dtype,
+                        decode_dtype=args.decode_dtype)
   else:
     if args.refiner is not None:
       raise ValueError("--search does not combine with --refiner in sample.py; use the Python API "
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         p, var.config, kv_budget=args.kv_budget, prune=args.prune, prune_layers=args.prune_layers,
         prune_cache_scale=args.prune_cache_scale,
         kv_options=plan_lib.KVOptions(scorer=args.kv_scorer, pooling=args.kv_pooling))
-    s = search.SearchSampler(var, vae, sampling, spec, mesh=mesh, techniques=techniques, kv_dtype=args.kv_dtype)
+    s = search.SearchSampler(var, vae, sampling, spec, mesh=mesh, techniques=techniques, kv_dtype=args.kv_dtype,
+                             decode_dtype=args.decode_dtype)
   compile_s = s.compile(batch, edit=edit_args is not None)
 
   seeds = (args.seed + np.arange(n)).astype(np.uint32)

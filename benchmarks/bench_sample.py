@@ -27,7 +27,7 @@ from tokenizer import VQVAE, VQVAEConfig
 from var import model as var_model
 from var import sampler as sampler_lib
 
-GFLOP_PER_IMAGE = 601.0 + 394.0  # d16 transformer with CFG + VQVAE decode (256px)
+GFLOP_PER_IMAGE = 601.0 + 394.0  # d16 transformer with CFG + VQVAE decode (256px; as upsample + conv: 349 executed)
 OFFICIAL_TORCH_IMG_PER_S = {8: 8 / 47.2}  # official PyTorch sampler, d16, same machine kind
 
 

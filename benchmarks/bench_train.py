@@ -27,14 +27,14 @@ _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file as w
 OFFICIAL_D8_STEP_S = 16.6
 
 
-def bench_config(model: str, batch: int, dtype: str):
+def bench_config(model: str, batch: int, dtype: str, resolution: int = 256):
   """A digits_var-shaped config with the official 256px recipe and the requested model."""
   from configs import digits_var
 
   c = digits_var.get_config()
   c.dtype = dtype
   c.total_steps = 1000
-  c.input.resolution = _RESOLUTION.value
+  c.input.resolution = resolution
   c.input.batch_size = batch
   c.model = c.model.__class__(dict(depth=2, width=128, num_heads=2, num_classes=1000, patch_nums=(),
                                    drop_path_rate=0.0, init_adaln_gamma=1e-3))
@@ -54,7 +54,7 @@ def run_one(model: str) -> dict:
   from var import sharding as shd
   from var import train_lib
 
-  config = bench_config(model, _BATCH.value, _DTYPE.value)
+  config = bench_config(model, _BATCH.value, _DTYPE.value, _RESOLUTION.value)
   tok_config = VQVAEConfig.preset("vqvae_256")
   mesh = shd.make_mesh((-1, 1, 1))
   t0 = time.perf_counter()

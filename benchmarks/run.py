@@ -18,6 +18,7 @@ BENCHMARKS = {
     "sample": ("benchmarks.bench_sample", ["--quick"]),
     "inception": ("benchmarks.bench_inception", ["--iters", "1", "--batch_sizes", "50"]),
     "techniques": ("benchmarks.bench_techniques", ["--quick", "--setting", "speed"]),
+    "breakdown": ("benchmarks.bench_breakdown", ["--quick"]),
 }
 
 

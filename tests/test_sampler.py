@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from var import editing
 from var import model as var_model
@@ -208,3 +209,44 @@ def test_sample_images_helper(t1):
   again = sampler_lib.sample_images(var, vae, [9, 3], num_per_class=2, cfg=1.5, top_k=1, batch_size=4)
   np.testing.assert_allclose(again, images[[2, 2, 0, 0]], atol=1e-6)
   assert len(sampler_lib._SAMPLERS) == 1 and next(iter(sampler_lib._SAMPLERS.values())).trace_count == 1
+
+
+def _eqns(jaxpr, inside_scan=False):
+  """(eqn, inside a lax.scan) for every equation of a jaxpr and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    yield eqn, inside_scan
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, list | tuple) else [value]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub, inside_scan or eqn.primitive.name == "scan")
+
+
+def test_bfloat16_sampler_samples_from_float32_logits(t1):
+  """bfloat16 activations and KV cache: the layers (inside the layer scan) compute in bfloat16, everything around
+  them (embeddings, head, logits, top-k/top-p, the draw, the tokenizer) in float32."""
+  var, vae, _ = t1
+  bf = var_model.abstract(var_model.VARConfig.from_dict({**var.config.to_dict(), "dtype": "bfloat16"}))
+  nnx.update(bf, nnx.state(var, nnx.Param))
+  s = sampler_lib.Sampler(bf, vae, sampler_lib.SamplingConfig(cfg=1.5, top_k=8, top_p=0.9), kv_dtype="bfloat16")
+  args = s._inputs(np.arange(2), np.arange(2), None)
+  eqns = list(_eqns(jax.make_jaxpr(s._run)(s._states, *args).jaxpr))
+  dtypes = lambda e: {str(v.aval.dtype) for v in (*e.invars, *e.outvars) if hasattr(v.aval, "dtype")}
+  inner = [e for e, in_scan in eqns if in_scan and e.primitive.name == "dot_general"]
+  outer = [e for e, in_scan in eqns if not in_scan and e.primitive.name in ("dot_general", "conv_general_dilated")]
+  sampling = [e for e, in_scan in eqns if e.primitive.name in ("top_k", "cumsum", "argmax", "exp") and not in_scan]
+  assert inner and all("bfloat16" in dtypes(e) for e in inner)
+  assert outer and all(dtypes(e) == {"float32"} for e in outer)
+  assert sampling and all(dtypes(e) <= {"float32", "int32"} for e in sampling)
+
+
+def test_bfloat16_decode_changes_pixels_not_tokens(t1, greedy):
+  var, vae, io = t1
+  s = sampler_lib.Sampler(var, vae, sampler_lib.SamplingConfig(cfg=1.5, top_k=1), decode_dtype="bfloat16")
+  out = s(io["labels_sample"], np.arange(4))
+  ref = greedy(io["labels_sample"], np.arange(4))
+  np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+  err = float(np.abs(np.asarray(out["images"]) - np.asarray(ref["images"])).max())
+  assert 1e-4 < err < 0.05, err  # really bfloat16, still the same picture (measured in the report)
+  with pytest.raises(ValueError, match="decode_dtype 'fp16'"):
+    sampler_lib.Sampler(var, vae, decode_dtype="fp16")

@@ -77,21 +77,67 @@ class SamplerHooks:
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
   """Official `sample_with_top_k_top_p_` masking on (..., V) logits: -inf below the k-th largest value (ties with
   it are kept), then -inf on the ascending-sorted entries whose cumulative softmax is <= 1 - top_p (the largest
-  entry is always kept)."""
+  entry is always kept). The ascending order is a stable sort (ties in vocabulary order), which decides which of
+  several tied entries at the nucleus boundary go.
+
+  With top_k > 0 the nucleus step never sorts the vocabulary: see `_top_p_after_top_k`."""
   v = logits.shape[-1]
   if top_k > v:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {v}")
+  if top_k > 0 and top_p > 0:
+    return _top_p_after_top_k(logits, top_k, top_p)
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p > 0:
-    order = jnp.argsort(logits, axis=-1)  # ascending
+    order = jnp.argsort(logits, axis=-1)  # ascending, stable
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     remove = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - top_p
     remove = remove.at[..., -1].set(False)
     remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)  # back to vocabulary order
     logits = jnp.where(remove, -jnp.inf, logits)
   return logits
+
+
+def _top_p_after_top_k(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then top-p, bit for bit what the sort-based path of `mask_top_k_top_p` gives, without sorting V.
+
+  After top-k the stable ascending sort of the masked row is known from `lax.top_k` alone:
+  [-inf] * (V - k'), [kth] * (k' - k), the k top values reversed, where k' >= k counts the entries >= kth (ties
+  with the k-th value beyond the k returned). The cumulative softmax runs over exactly that (V,) row, so every
+  float op matches the sorted path; only the positions of the kept entries in that order are computed instead of
+  sorted for: lax.top_k lists ties lower index first, so within a group of equal values (a stretch [a, b] of the
+  top-k list) the ascending sort holds the same indices in the same order, at V - (b + 1) + (j - a); the tied
+  k-th values beyond the top k follow their group's top-k members in index order."""
+  shape, v = logits.shape, logits.shape[-1]
+  x = logits.reshape(-1, v)  # (R, V)
+  # -0.0 == 0.0 for the comparisons and the sort, but lax.top_k orders -0.0 below 0.0: canonical zeros for it
+  vals, idx = jax.lax.top_k(jnp.where(x == 0, 0.0, x), top_k)  # (R, k) descending; ties lower index first
+  # XLA:CPU turns top_k into its TopK kernel only while the sort it lowers to is read by leading slices; the
+  # reversed and shifted reads below would make it a full sort of V again
+  vals, idx = jax.lax.optimization_barrier((vals, idx))
+  kth = vals[:, -1:]
+  kept = ~(x < kth)  # the top-k mask (entries >= kth)
+  n_kept = jnp.sum(kept, axis=-1, keepdims=True, dtype=jnp.int32)  # k'
+  # the masked row in stable ascending order (V,): what argsort + take_along_axis gives
+  head = jnp.where(jnp.arange(v - top_k) < v - n_kept, -jnp.inf, kth)  # (R, V - k)
+  sorted_logits = jnp.concatenate([head, vals[:, ::-1]], axis=-1)
+  remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - top_p
+  remove_sorted = remove_sorted.at[:, -1].set(False)
+
+  # ascending positions of the top-k entries: group [a, b] of equal values in the descending list
+  j = jnp.arange(top_k)
+  change = vals[:, 1:] != vals[:, :-1]
+  edge = jnp.ones((x.shape[0], 1), bool)
+  first = jax.lax.cummax(jnp.where(jnp.concatenate([edge, change], 1), j, 0), axis=1)  # a
+  after = jax.lax.cummin(jnp.where(jnp.concatenate([change, edge], 1), j + 1, top_k), axis=1, reverse=True)  # b + 1
+  pos_top = v - jnp.where(vals == kth, n_kept, after) + (j - first)  # (R, k)
+  # the k-th value's group in index order; its top-k members are its lowest indices, so this agrees with pos_top
+  tied = x == kth
+  pos = jnp.where(tied, v - n_kept + jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1, 0)
+  pos = jnp.put_along_axis(pos, idx, pos_top, axis=-1, inplace=False)  # (R, V)
+  remove = jnp.take_along_axis(remove_sorted, pos, axis=-1)
+  return jnp.where(kept & ~remove, x, -jnp.inf).reshape(shape)
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, ratio: float,
@@ -437,12 +483,13 @@ def _take_rows(tree, idx):
 def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Array, *, sampling: SamplingConfig,
                 plan: ScalePlan, hooks: SamplerHooks | None = None, edit: Mapping[str, jax.Array] | None = None,
                 cfg: jax.Array | float | None = None, return_logits: bool = False, kv_dtype=None,
-                layout: list | None = None) -> dict[str, Any]:
+                layout: list | None = None, decode_vae=None) -> dict[str, Any]:
   """The traced sampler body (call it inside jit). labels (B,) int (num_classes = unconditional), seeds (B,)
   uint32; edit = {'tokens': (B, L) int, 'mask': (B, P, P) float, 1 = keep the given tokens}; cfg (a traced scalar
   is fine) overrides sampling.cfg, so one executable serves every guidance scale. kv_dtype: the cache's dtype
   (default: each model's activation dtype). `layout`, if given, receives per scale the model's cache runs
-  (kv_layout) held after it: the allocated cache, known at trace time.
+  (kv_layout) held after it: the allocated cache, known at trace time. decode_vae: the VQVAE that decodes f_hat
+  to images (default: vae; e.g. the same weights with bfloat16 activations), after the last token is drawn.
 
   Returns {'images': (B', H, W, 3) in [0, 1], 'tokens': (B', L) int32 (-1 on skipped scales), 'f_hat':
   (B', P, P, Cvae)} (B' = the plan's output batch); with return_logits also 'logits' (B', L, V), the CFG-mixed
@@ -450,6 +497,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
   and 'kv_index': {si: {"first:last": (layers, R, cap, H) int32}}, the positions every compressed run kept
   (indices into the layer's cache [held ; this scale])."""
   hooks = hooks or SamplerHooks()
+  decoder = vae if decode_vae is None else decode_vae
   guidance = sampling.cfg if cfg is None else cfg
   mcfg = models[plan[0].model].config
   patch_nums, s = mcfg.patch_nums, len(mcfg.patch_nums)
@@ -549,7 +597,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
 
     if step.select is not None:
       ctx = dict(si=si, f_hat=f_hat, tokens=list(tokens), labels=labels,
-                 decode=lambda fh: (vae.fhat_to_img(fh) + 1) / 2, carry=select_carry)
+                 decode=lambda fh: (decoder.fhat_to_img(fh) + 1) / 2, carry=select_carry)
       # the selection key follows the first candidate's seed (selection is a batch-level decision)
       picked = hooks.select[step.select.kind](ctx, jax.random.fold_in(base_keys[0], 10_000 + si))
       keep_idx, select_carry = picked if isinstance(picked, tuple) else (picked, None)
@@ -571,7 +619,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
     if layout is not None:
       layout.append({name: kv_layout(st) for name, st in states.items() if st.runs is not None})
 
-  images = (vae.fhat_to_img(f_hat) + 1) / 2
+  images = (decoder.fhat_to_img(f_hat) + 1) / 2
   out = {"images": images, "tokens": jnp.concatenate(tokens, axis=1), "f_hat": f_hat}
   if return_logits:
     out["logits"] = jnp.concatenate(logits_out, axis=1)
@@ -613,12 +661,14 @@ class Sampler:
 
   The plan defaults to `ScalePlan.plain` for the batch size of each call. With a mesh, inputs and outputs are split
   over its batch axes (var.sharding rules) and the parameters are placed by their logical names (replicated or
-  FSDP-sharded per the rules); results do not depend on the device count.
+  FSDP-sharded per the rules); results do not depend on the device count. kv_dtype: the KV cache's dtype (None:
+  the activation dtype); decode_dtype: the activation dtype of the final VQVAE decode (None: the VQVAE's own;
+  'bfloat16' decodes the same weights in bfloat16: pixels change slightly, tokens never).
   """
 
   def __init__(self, var: VAR | Mapping[str, VAR], vae, sampling: SamplingConfig = SamplingConfig(), *,
                plan: ScalePlan | None = None, hooks: SamplerHooks | None = None, mesh=None,
-               return_logits: bool = False, kv_dtype: str | None = None):
+               return_logits: bool = False, kv_dtype: str | None = None, decode_dtype: str | None = None):
     self.models = {"main": var} if isinstance(var, VAR) else dict(var)
     main = self.models.get("main", next(iter(self.models.values())))
     self.config = main.config
@@ -642,6 +692,9 @@ class Sampler:
     if kv_dtype not in (None, "float32", "bfloat16"):
       raise ValueError(f"kv_dtype {kv_dtype!r}: use 'float32' or 'bfloat16' (None: the model's activation dtype)")
     self.kv_dtype = kv_dtype
+    if decode_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"decode_dtype {decode_dtype!r}: use 'float32' or 'bfloat16' (None: the VQVAE's own dtype)")
+    self.decode_dtype = decode_dtype
     # per batch size: per scale, {model: [(first layer, last layer, k shape, dtype)]} of the cache held after it
     self.kv_layouts: dict[int, list[dict]] = {}
     if plan is None and "main" not in self.models:
@@ -654,6 +707,11 @@ class Sampler:
     for name, m in self.models.items():
       graphdefs[name], states[name] = nnx.split(m)
     self._vae_graphdef, vae_state = nnx.split(vae)
+    self._decode_graphdef = None  # the VQVAE with the decode dtype, over the same parameters
+    if decode_dtype is not None and decode_dtype != vc.dtype:
+      decode_config = dataclasses.replace(vc, dtype=decode_dtype)
+      with nnx.use_eager_sharding(False):
+        self._decode_graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(vae)(decode_config, rngs=nnx.Rngs(0))))
     self._graphdefs = graphdefs
     if mesh is not None:
       from var import sharding
@@ -695,10 +753,11 @@ class Sampler:
     var_states, vae_state = states
     models = {k: nnx.merge(self._graphdefs[k], var_states[k]) for k in self._graphdefs}
     vae = nnx.merge(self._vae_graphdef, vae_state)
+    decode_vae = None if self._decode_graphdef is None else nnx.merge(self._decode_graphdef, vae_state)
     layout = self.kv_layouts[labels.shape[0]] = []
     return sample_loop(models, vae, labels, seeds, sampling=self.sampling, plan=self.plan_for(labels.shape[0]),
                        hooks=self.hooks, edit=edit, cfg=cfg, return_logits=self.return_logits,
-                       kv_dtype=self.kv_dtype, layout=layout)
+                       kv_dtype=self.kv_dtype, layout=layout, decode_vae=decode_vae)
 
   def kv_bytes_per_scale(self, batch: int) -> list[int]:
     """Bytes of the KV cache held after every scale (all models), from the traced program's arrays; compile or

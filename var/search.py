@@ -402,11 +402,12 @@ class SearchSampler:
 
   The plan depends on the batch, so there is one compiled Sampler per batch size."""
 
-  def __init__(self, var, vae, sampling, spec: SearchSpec, *, mesh=None, techniques=None, kv_dtype=None):
+  def __init__(self, var, vae, sampling, spec: SearchSpec, *, mesh=None, techniques=None, kv_dtype=None,
+               decode_dtype=None):
     """techniques: plan -> plan applied to the search's plan (e.g. var.plan.apply_techniques with a KV budget or
-    a pruning schedule); kv_dtype: the cache dtype (var.sampler.Sampler)."""
+    a pruning schedule); kv_dtype, decode_dtype: the cache and final-decode dtypes (var.sampler.Sampler)."""
     self.var, self.vae, self.sampling, self.spec, self.mesh = var, vae, sampling, spec, mesh
-    self.techniques, self.kv_dtype = techniques, kv_dtype
+    self.techniques, self.kv_dtype, self.decode_dtype = techniques, kv_dtype, decode_dtype
     self.num_scales = len(var.config.patch_nums)
     spec.validate(self.num_scales)
     self._samplers: dict[int, tuple[Search, Sampler]] = {}
@@ -417,7 +418,8 @@ class SearchSampler:
       if self.techniques is not None:
         search = dataclasses.replace(search, plan=self.techniques(search.plan))
       self._samplers[batch] = search, Sampler(self.var, self.vae, self.sampling, plan=search.plan,
-                                              hooks=search.hooks, mesh=self.mesh, kv_dtype=self.kv_dtype)
+                                              hooks=search.hooks, mesh=self.mesh, kv_dtype=self.kv_dtype,
+                                              decode_dtype=self.decode_dtype)
     return self._samplers[batch]
 
   @property
