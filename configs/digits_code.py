@@ -1,4 +1,4 @@
-"""CoDe's specialised fine-tuning (var/code_train.py) on the embedded UCI digits: a VAR-stage run whose step is the
+"""CoDe's specialised fine-tuning (var/stages/code.py) on the embedded UCI digits: a VAR-stage run whose step is the
 drafter's CE over the first N scales or the refiner's distillation from the frozen large model.
 
   # the large model (depth 8) and the small one (depth 4) on the same tokenizer: the VAR stage

@@ -29,6 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from var.optim import lr_factor, peak_lr
+from var.stages.var import var_tokenize
+
 
 def _levels(patch_nums: Sequence[int]) -> np.ndarray:
   return np.concatenate([np.full(p * p, i, np.int32) for i, p in enumerate(patch_nums)])  # (L,) scale index
@@ -144,11 +147,9 @@ def _labels_and_rng(config, step, labels, num_classes):
 
 
 def _metrics(loss, grads, logits, gt, config, batch, step):
-  from var import train_lib
-
   return {"loss": loss, "grad_norm": optax.tree.norm(grads),
           "acc": jnp.mean(jnp.argmax(logits, axis=-1) == gt),
-          "lr": train_lib.peak_lr(config.optim, batch["label"].shape[0]) * train_lib.lr_factor(
+          "lr": peak_lr(config.optim, batch["label"].shape[0]) * lr_factor(
               step, schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps,
               total_steps=config.total_steps, warmup_start=config.optim.warmup_start,
               end_ratio=config.optim.end_ratio)}
@@ -157,15 +158,13 @@ def _metrics(loss, grads, logits, gt, config, batch, step):
 def drafter_train_step(graphdef, state, batch, prog_si, prog_wp, *, config):
   """One code_drafter update (the VAR step's signature; prog_si / prog_wp are unused): the forward stops after
   the drafted scales (block-causal attention: the same logits as the full forward there), CE over them."""
-  from var import train_lib
-
   del prog_si, prog_wp
   trainer = nnx.merge(graphdef, state)
   step = trainer.opt.step[...]
   mcfg = trainer.model.config
   n = int(config.code.draft_steps)
   cum = mcfg.begin_ends[n - 1][1]  # tokens of scales 0..N-1
-  gt, x = train_lib.var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
   gt, x = gt[:, :cum], x[:, :cum - mcfg.first_l]
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
 
@@ -181,7 +180,7 @@ def drafter_train_step(graphdef, state, batch, prog_si, prog_wp, *, config):
 def refiner_train_step(graphdef, state, batch, prog_si, prog_wp, teacher, *, teacher_graphdef, config):
   """One code_refiner update: the frozen teacher's teacher-forced logits on the same tokens and labels, then the
   weighted KL + CE (refiner_loss) with the draft-token weight alpha(step)."""
-  from var import code, train_lib
+  from var import code
 
   del prog_si, prog_wp
   trainer = nnx.merge(graphdef, state)
@@ -189,7 +188,7 @@ def refiner_train_step(graphdef, state, batch, prog_si, prog_wp, teacher, *, tea
   step = trainer.opt.step[...]
   mcfg = trainer.model.config
   code.check_pair(teacher.config, mcfg)  # at trace time: the teacher must read the student's token maps
-  gt, x = train_lib.var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
   teacher_logits = jax.lax.stop_gradient(teacher(labels, x))  # (B, L, V)
   weights = refiner_token_weights(mcfg.patch_nums, int(config.code.draft_steps), step, config.total_steps)
