@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   The stage-specific files fill in `input`, the model section and `optim`.
   """
   c = ml_collections.ConfigDict()
-  c.stage = ""  # "tokenizer" or "var"
+  c.stage = ""  # "tokenizer", "var", "code_drafter" or "code_refiner" (var/train_lib.py STAGES)
   c.seed = 0
   c.total_steps = 1000
   # Mesh over ("data", "fsdp", "tensor"); -1 takes the remaining devices. Logical rules live in

@@ -6,8 +6,9 @@ Stages (config.stage), each a module of var/stages/ with its trainer, loss and s
   * "var" (var/stages/var.py): the next-scale transformer on tokens of a frozen tokenizer, tokenised inside the
     jitted step; the official recipe of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout,
     AdamW(0.9, 0.95) with the official no-decay set, lr = tblr * batch / 256, warmup + lin0, cosine
-    weight-decay schedule, clip 2.0, optional progressive training). With a `config.code` block the step is
-    CoDe's drafter or refiner fine-tuning (var/stages/code.py).
+    weight-decay schedule, clip 2.0, optional progressive training).
+  * "code_drafter", "code_refiner" (var/stages/code.py): CoDe's fine-tuning of a VAR (CE over the first N
+    scales; KL to a frozen large model + CE with a decaying draft-token weight). VAR stages but for the step.
 
 Everything trainable lives in one nnx "trainer" module (models + optimizers + frozen helpers); the step is the
 flax "functional training loop": `nnx.split` once, a pure `jax.jit` step over the state with in/out shardings
@@ -61,7 +62,10 @@ from var.stages.var import (  # noqa: F401  (re-exported)
 # Setup: config checks, sharded state, jitted steps
 # ------------------------------------------------------------------------------------------------------------
 
-STAGES = ("tokenizer", "var")
+STAGES = ("tokenizer", "var", "code_drafter", "code_refiner")
+# The stages that train a VAR on the tokens of a frozen tokenizer (config.tokenizer_dir): one trainer, eval step,
+# sample grid and exported model directory; only their train steps differ.
+VAR_STAGES = ("var", "code_drafter", "code_refiner")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -73,7 +77,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} must be 'float32' or 'bfloat16'")
   lr_factor(0, schedule=config.optim.schedule, warmup_steps=1, total_steps=2)  # unknown schedule -> error
-  (tokenizer_stage if config.stage == "tokenizer" else var_stage).validate(config)
+  if config.get("code") is not None and config.stage not in ("code_drafter", "code_refiner"):
+    raise ValueError(f"config.code is CoDe's fine-tuning block but config.stage={config.stage!r}: set "
+                     "config.stage='code_drafter' or 'code_refiner' (configs/digits_code.py), or drop config.code")
+  if config.stage == "tokenizer":
+    tokenizer_stage.validate(config)
+  elif config.stage == "var":
+    var_stage.validate(config)
+  else:
+    from var.stages import code as code_stage
+
+    code_stage.validate(config)
 
 
 @dataclasses.dataclass
@@ -128,7 +142,7 @@ def _compiled_steps(config, graphdef, shardings, mesh, tok_config=None):
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding), out_shardings=(shardings, repl),
                          donate_argnums=0)
     evalf = functools.partial(tokenizer_stage.tokenizer_eval_step, graphdef, config=config)
-  elif config.get("code"):  # CoDe fine-tuning (var/stages/code.py): a VAR-stage run with another step
+  elif config.stage in ("code_drafter", "code_refiner"):  # a VAR stage with another train step
     from var.stages import code as code_stage
 
     train_step = code_stage.compiled_train_step(config, graphdef, shardings, mesh)
@@ -450,9 +464,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
   mesh = shd.make_mesh(tuple(config.mesh))
   shd.check_batch_divisible(config.input.batch_size, mesh)
   data.input_config(config.input)  # unknown / invalid input fields fail here
-  tok_config = var_stage.load_tokenizer_config(config) if config.stage == "var" else None
+  tok_config = var_stage.load_tokenizer_config(config) if config.stage in VAR_STAGES else None
   info = data.dataset_info(config.input)  # a missing dataset or data_dir fails here, before any compile
-  if config.stage == "var" and info.num_classes != config.model.num_classes:
+  if config.stage in VAR_STAGES and info.num_classes != config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.input.name!r} has {info.num_classes} classes; set "
                      f"--config.model.num_classes={info.num_classes}")
@@ -512,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
     with jax.set_mesh(mesh):
       for step in range(start, end):
         batch = shd.shard_batch(next(train_iter), mesh)
-        if config.stage == "var":
+        if config.stage in VAR_STAGES:
           prog_si, prog_wp = (-1, 1.0) if pg is None else var_stage.progressive_stage(
               step, num_scales=num_scales, pg=pg.pg, pg0=pg.pg0, warmup_steps=config.optim.warmup_steps,
               total_steps=total, pg_warmup_steps=pg.warmup_steps)
@@ -527,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
         bar.update(1)
         log_now = done % config.log_every_steps == 0 or done == end
         eval_now = bool(config.eval_every_steps) and done % config.eval_every_steps == 0 and done != total
-        sample_now = (config.stage == "var" and bool(config.sample_every_steps)
+        sample_now = (config.stage in VAR_STAGES and bool(config.sample_every_steps)
                       and done % config.sample_every_steps == 0)
         save_now = done % config.ckpt.every_steps == 0 or done == end
         if log_now or eval_now or sample_now or save_now:

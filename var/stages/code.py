@@ -112,30 +112,55 @@ def refiner_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fine-tuning steps. Both are VAR-stage runs (config.stage = "var") with a `config.code` block
-# (configs/digits_code.py): role "drafter" or "refiner", draft_steps N, and for the refiner the frozen large
-# model's directory. They keep the VAR stage's trainer (model + AdamW + frozen tokenizer), checkpoints, data
-# position and loop; only the step differs. The refiner's teacher is NOT part of the train state (it never
-# changes, so checkpoints stay the student's size, as big_vision's two-stage trainers do): it is placed on the
-# mesh with the student's sharding rules and passed to the jitted step as an argument.
+# The two fine-tuning stages, config.stage = "code_drafter" / "code_refiner" (configs/digits_code.py), with a
+# `config.code` block: draft_steps N, and for the refiner the frozen large model's directory and the CE weight.
+# They are VAR stages in everything but the step: the VAR trainer (model + AdamW + frozen tokenizer), data,
+# checkpoints with the data position, evaluation (the VAR held-out loss), sample grids and the exported VAR model
+# directory (what sample.py --checkpoint / --refiner read). The refiner's teacher is NOT part of the train state (it
+# never changes, so checkpoints stay the student's size, as big_vision's two-stage trainers do): it is placed on
+# the mesh with the student's sharding rules and passed to the jitted step as an argument.
 
-ROLES = ("drafter", "refiner")
+STAGES = ("code_drafter", "code_refiner")
+# the fields of config.code each stage reads (a field the stage would not read is an error, not ignored)
+CODE_FIELDS = {"code_drafter": ("draft_steps",), "code_refiner": ("draft_steps", "teacher_dir", "ce_weight")}
 
 
 def validate(config) -> None:
-  """Checks config.code before any work: role, draft_steps against the configured patch_nums, teacher_dir."""
+  """Checks a CoDe stage's config before any work: the VAR stage's checks, the config.code block and its fields,
+  draft_steps against the patch_nums of the tokenizer (or config.model.patch_nums), teacher_dir, no progressive
+  training."""
   import pathlib
 
-  code_cfg = config.code
-  if code_cfg.role not in ROLES:
-    raise ValueError(f"config.code.role={code_cfg.role!r} must be one of {ROLES}")
+  from var.stages import var as var_stage
+
+  stage = config.stage
+  if stage not in STAGES:
+    raise ValueError(f"config.stage={stage!r} is not a CoDe stage; use one of {STAGES}")
+  var_stage.validate(config)
+  code_cfg = config.get("code")
+  want = CODE_FIELDS[stage]
+  if code_cfg is None:
+    raise ValueError(f"config.stage={stage!r} needs a config.code block with {want} (configs/digits_code.py)")
+  have = tuple(code_cfg.keys())
+  if sorted(have) != sorted(want):
+    raise ValueError(f"config.code has fields {sorted(have)} but stage {stage!r} reads exactly {sorted(want)}: "
+                     f"remove {sorted(set(have) - set(want))}, add {sorted(set(want) - set(have))}")
   if config.get("progressive") is not None and config.progressive.pg:
-    raise ValueError("config.progressive.pg must be 0 for CoDe fine-tuning (the loss already picks the scales)")
-  if code_cfg.role == "refiner":
+    raise ValueError(f"config.progressive.pg={config.progressive.pg} must be 0 for CoDe fine-tuning (the loss "
+                     "already picks the scales): set --config.progressive.pg=0")
+  patch_nums = var_stage.load_tokenizer_config(config).patch_nums
+  n, s = code_cfg.draft_steps, len(patch_nums)
+  lo, hi = (1, s) if stage == "code_drafter" else (0, s - 1)
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not lo <= n <= hi:
+    raise ValueError(f"config.code.draft_steps={n!r} is out of range for the {s}-scale patch_nums "
+                     f"{tuple(patch_nums)}: the {stage} stage needs an integer in {lo}..{hi} (the drafter draws "
+                     f"scales 0..N-1, the refiner N..{s - 1}); set --config.code.draft_steps")
+  if stage == "code_refiner":
     teacher = pathlib.Path(code_cfg.teacher_dir) if code_cfg.teacher_dir else None
     if teacher is None or not (teacher / "config.json").is_file():
       raise FileNotFoundError(f"config.code.teacher_dir={code_cfg.teacher_dir!r} is not a model directory; the "
-                              "refiner distils from the frozen large VAR (e.g. the drafter's <workdir>/model)")
+                              "code_refiner stage distils from the frozen large VAR: set --config.code.teacher_dir "
+                              "to its model directory (e.g. the VAR stage's or the drafter's <workdir>/model)")
 
 
 def _labels_and_rng(config, step, labels, num_classes):
@@ -229,7 +254,7 @@ def compiled_train_step(config, graphdef, shardings, mesh):
 
   validate(config)
   data_sharding, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
-  if config.code.role == "drafter":
+  if config.stage == "code_drafter":
     step = functools.partial(drafter_train_step, graphdef, config=config)
     return jax.jit(step, in_shardings=(shardings, data_sharding, repl, repl), out_shardings=(shardings, repl),
                    donate_argnums=0)
