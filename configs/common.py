@@ -63,6 +63,8 @@ def input_config(name: str = "digits", *, resolution: int, batch_size: int,
   i.upsample = "nearest"
   i.workers = 0
   i.read_threads = 2
+  # VAR stages: train on the token pyramids written by `python -m var.tokenize_dataset` (var/token_data.py)
+  i.tokens_dir = ml_collections.FieldReference(None, field_type=str)
   i.update(kw)
   return i
 

@@ -123,6 +123,7 @@ def _step_cache_key(config, tok_config, mesh):
   fields = {k: v for k, v in config.to_dict().items() if k not in loop_only}
   reading = ("workers", "read_threads", "data_dir")
   fields["input"] = {k: v for k, v in fields["input"].items() if k not in reading}
+  fields["input"]["tokens_dir"] = bool(fields["input"].get("tokens_dir"))  # the batch's structure, not the path
   return json.dumps(fields, sort_keys=True, default=str), tok_config, mesh
 
 
@@ -465,6 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
   shd.check_batch_divisible(config.input.batch_size, mesh)
   data.input_config(config.input)  # unknown / invalid input fields fail here
   tok_config = var_stage.load_tokenizer_config(config) if config.stage in VAR_STAGES else None
+  if tok_config is not None and config.input.get("tokens_dir"):  # tokenise-once input: fail before any compile
+    from var import token_data
+
+    token_data.check_for_run(config, tok_config)
   info = data.dataset_info(config.input)  # a missing dataset or data_dir fails here, before any compile
   if config.stage in VAR_STAGES and info.num_classes != config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "

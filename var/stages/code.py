@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from var.optim import lr_factor, peak_lr
-from var.stages.var import var_tokenize
+from var.stages.var import var_inputs
 
 
 def _levels(patch_nums: Sequence[int]) -> np.ndarray:
@@ -189,7 +189,7 @@ def drafter_train_step(graphdef, state, batch, prog_si, prog_wp, *, config):
   mcfg = trainer.model.config
   n = int(config.code.draft_steps)
   cum = mcfg.begin_ends[n - 1][1]  # tokens of scales 0..N-1
-  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_inputs(trainer.tokenizer, batch)
   gt, x = gt[:, :cum], x[:, :cum - mcfg.first_l]
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
 
@@ -213,7 +213,7 @@ def refiner_train_step(graphdef, state, batch, prog_si, prog_wp, teacher, *, tea
   step = trainer.opt.step[...]
   mcfg = trainer.model.config
   code.check_pair(teacher.config, mcfg)  # at trace time: the teacher must read the student's token maps
-  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_inputs(trainer.tokenizer, batch)
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
   teacher_logits = jax.lax.stop_gradient(teacher(labels, x))  # (B, L, V)
   weights = refiner_token_weights(mcfg.patch_nums, int(config.code.draft_steps), step, config.total_steps)

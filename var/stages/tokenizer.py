@@ -249,6 +249,9 @@ def tokenizer_eval_step(graphdef, state, batch, *, config: ml_collections.Config
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """The tokenizer stage's config checks (loss terms, LPIPS weight files), before any data or model work."""
+  if config.input.get("tokens_dir"):
+    raise ValueError(f"config.input.tokens_dir={config.input.tokens_dir!r} is the VAR stages' token input; the "
+                     "tokenizer stage trains on images: set --config.input.tokens_dir=None")
   loss = config.loss
   if loss.codebook_update not in ("grad", "ema"):
     raise ValueError(f"config.loss.codebook_update={loss.codebook_update!r} must be 'grad' or 'ema'")

@@ -128,14 +128,28 @@ def var_tokenize(tokenizer, images):
   return jax.lax.stop_gradient(jnp.concatenate(idx_list, axis=1)), jax.lax.stop_gradient(x)
 
 
+def var_inputs(tokenizer, batch):
+  """A training batch -> (gt tokens (B, L) int32, teacher-forcing input (B, L - 1, Cvae)).
+
+  Images (batch["image"], (B, H, W, 3) in [-1, 1]) are tokenised here; token pyramids (batch["tokens"], (B, L),
+  the tokenise-once input of var/token_data.py) skip the encoder and the code search: only the quantizer's
+  embedding and the exact resampling build the teacher-forcing input, as after tokenising."""
+  if "tokens" not in batch:
+    return var_tokenize(tokenizer, batch["image"])
+  gt = batch["tokens"].astype(jnp.int32)
+  x = tokenizer.idx_to_var_input(tokenizer.split_tokens(gt))
+  return gt, jax.lax.stop_gradient(x)
+
+
 def var_train_step(graphdef, state, batch, prog_si, prog_wp, *, config: ml_collections.ConfigDict):
-  """One VAR update: tokenise, teacher-forced forward with class dropout + drop path, weighted CE, AdamW."""
+  """One VAR update: tokenise (unless the batch holds tokens), teacher-forced forward with class dropout + drop
+  path, weighted CE, AdamW."""
   from var.model import cross_entropy_loss
 
   trainer = nnx.merge(graphdef, state)
   step = trainer.opt.step[...]
   rng = step_rng(config.seed, step)
-  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_inputs(trainer.tokenizer, batch)
   labels = batch["label"].astype(jnp.int32)
   model_cfg = trainer.model.config
   weights = var_loss_weights(model_cfg.patch_nums, prog_si, prog_wp)
