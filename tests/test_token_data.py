@@ -164,3 +164,5 @@ def test_tokens_of_another_tokenizer_or_schedule_are_refused(dirs, tmp_path):
   with pytest.raises(FileNotFoundError, match="holds no metadata.json: write the tokens once"):
     train_lib.train_and_evaluate(_config(data_dir, dirs[1], tmp_path), tmp_path / "run3")
   assert not (tmp_path / "run").exists()  # refused before the work directory was made
+  with pytest.raises(ValueError, match="tokens_dir=.* is the VAR stages' token input; the tokenizer stage trains"):
+    train_lib.validate_config(tl.tokenizer_config(data_dir, **{"input.tokens_dir": str(tokens_dir)}))

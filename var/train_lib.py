@@ -4,9 +4,10 @@ Stages (config.stage), each a module of var/stages/ with its trainer, loss and s
   * "tokenizer" (var/stages/tokenizer.py): the multi-scale VQVAE (reconstruction + VQ terms, optional EMA
     codebook, dead-code restart, optional LPIPS and PatchGAN from tokenizer/losses.py).
   * "var" (var/stages/var.py): the next-scale transformer on tokens of a frozen tokenizer, tokenised inside the
-    jitted step; the official recipe of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout,
-    AdamW(0.9, 0.95) with the official no-decay set, lr = tblr * batch / 256, warmup + lin0, cosine
-    weight-decay schedule, clip 2.0, optional progressive training).
+    jitted step (or read once-tokenised with config.input.tokens_dir, var/token_data.py); the official recipe
+    of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout, AdamW(0.9, 0.95) with the
+    official no-decay set, lr = tblr * batch / 256, warmup + lin0, cosine weight-decay schedule, clip 2.0,
+    optional progressive training).
   * "code_drafter", "code_refiner" (var/stages/code.py): CoDe's fine-tuning of a VAR (CE over the first N
     scales; KL to a frozen large model + CE with a decaying draft-token weight). VAR stages but for the step.
 

@@ -1,6 +1,6 @@
 """The VAR stage: the next-scale transformer on the tokens of a frozen tokenizer, tokenised inside the jitted
-step; the official recipe of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout, optional
-progressive training)."""
+step (or read as tokens, the tokenise-once input of var/token_data.py); the official recipe of VAR.md section 3
+(per-token CE with uniform 1/L weights, class dropout, optional progressive training)."""
 
 from __future__ import annotations
 
