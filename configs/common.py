@@ -63,6 +63,8 @@ def input_config(name: str = "digits", *, resolution: int, batch_size: int,
   i.upsample = "nearest"
   i.workers = 0
   i.read_threads = 2
+  # VAR stages: train on the token pyramids written by `python -m var.tokenize_dataset` (var/token_data.py)
+  i.tokens_dir = ml_collections.FieldReference(None, field_type=str)
   i.update(kw)
   return i
 
@@ -73,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   The stage-specific files fill in `input`, the model section and `optim`.
   """
   c = ml_collections.ConfigDict()
-  c.stage = ""  # "tokenizer" or "var"
+  c.stage = ""  # "tokenizer", "var", "code_drafter" or "code_refiner" (var/train_lib.py STAGES)
   c.seed = 0
   c.total_steps = 1000
   # Mesh over ("data", "fsdp", "tensor"); -1 takes the remaining devices. Logical rules live in

@@ -137,7 +137,7 @@ def restore(spec, out):
   config.mesh = tuple(spec["mesh"])
   shd.maybe_initialize_distributed(True)
   mesh = shd.make_mesh(tuple(spec["mesh"]))
-  tok_config = train_lib.load_tokenizer_config(config) if config.stage == "var" else None
+  tok_config = train_lib.load_tokenizer_config(config) if config.stage in train_lib.VAR_STAGES else None
   setup = train_lib.make_setup(config, mesh, tok_config=tok_config)
   ckpt = Checkpointer(spec["ckpt"])
   train_lib.restore_checkpoint(setup, ckpt, spec["step"], None, config)

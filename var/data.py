@@ -59,6 +59,9 @@ class InputConfig:
     image_key, label_key: feature names of tfds datasets.
     workers: grain worker processes (0: decode in this process, with `read_threads` threads).
     read_threads: threads per process that read and augment elements.
+    tokens_dir: VAR stages only: read the training split's token pyramids from this directory (written once by
+      `python -m var.tokenize_dataset`, var/token_data.py) instead of tokenising images in every step; the eval
+      split is still read as images. None: images (the default).
   """
 
   name: str = "digits"
@@ -75,6 +78,7 @@ class InputConfig:
   label_key: str = "label"
   workers: int = 0
   read_threads: int = 2
+  tokens_dir: str | None = None
 
   def __post_init__(self):
     if isinstance(self.resolution, bool) or not isinstance(self.resolution, (int, np.integer)) or \
@@ -467,8 +471,14 @@ def make_train_iterator(cfg: Any, *, seed: int, process_index: int | None = None
   Returns:
     A grain `DatasetIterator` of {"image": float32 (b, R, R, 3) in [-1, 1], "label": int32 (b,)} with
     b = batch_size / process_count. Save its position with `it.get_state()` and resume with `it.set_state(s)`.
+    With `tokens_dir` set: {"tokens": int32 (b, L), "label": int32 (b,)} (var/token_data.py).
   """
   cfg = input_config(cfg)
+  if cfg.tokens_dir:
+    from var import token_data
+
+    return token_data.make_train_iterator(cfg, seed=seed, process_index=process_index,
+                                          process_count=process_count)
   process_index, process_count = _process(process_index, process_count)
   per_host = _per_host(cfg.batch_size, process_count, "batch_size")
   source, decode, _ = make_source(cfg, cfg.train_split)

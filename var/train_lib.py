@@ -1,12 +1,15 @@
-"""Training: losses, optimizer, schedules, the sharded train steps and the loop for both stages.
+"""The one sharded train loop every stage shares: data, jitted steps, checkpoints, evaluation, samples, export.
 
-Stages (config.stage):
-  * "tokenizer": the multi-scale VQVAE (reconstruction + VQ terms, optional EMA codebook, dead-code restart,
-    optional LPIPS and PatchGAN from tokenizer/losses.py).
-  * "var": the next-scale transformer on tokens of a frozen tokenizer, tokenised inside the jitted step; the
-    official recipe of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout, AdamW(0.9,
-    0.95) with the official no-decay set, lr = tblr * batch / 256, warmup + lin0, cosine weight-decay
-    schedule, clip 2.0, optional progressive training).
+Stages (config.stage), each a module of var/stages/ with its trainer, loss and steps:
+  * "tokenizer" (var/stages/tokenizer.py): the multi-scale VQVAE (reconstruction + VQ terms, optional EMA
+    codebook, dead-code restart, optional LPIPS and PatchGAN from tokenizer/losses.py).
+  * "var" (var/stages/var.py): the next-scale transformer on tokens of a frozen tokenizer, tokenised inside the
+    jitted step (or read once-tokenised with config.input.tokens_dir, var/token_data.py); the official recipe
+    of VAR.md section 3 (per-token CE with uniform 1/L weights, class dropout, AdamW(0.9, 0.95) with the
+    official no-decay set, lr = tblr * batch / 256, warmup + lin0, cosine weight-decay schedule, clip 2.0,
+    optional progressive training).
+  * "code_drafter", "code_refiner" (var/stages/code.py): CoDe's fine-tuning of a VAR (CE over the first N
+    scales; KL to a frozen large model + CE with a decaying draft-token weight). VAR stages but for the step.
 
 Everything trainable lives in one nnx "trainer" module (models + optimizers + frozen helpers); the step is the
 flax "functional training loop": `nnx.split` once, a pure `jax.jit` step over the state with in/out shardings
@@ -30,550 +33,40 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-# ------------------------------------------------------------------------------------------------------------
-# Schedules (VAR utils/lr_control.py `lr_wd_annealing`, as pure functions of the 0-based iteration)
-# ------------------------------------------------------------------------------------------------------------
-
-
-def lr_factor(step, *, schedule: str, warmup_steps: int, total_steps: int, warmup_start: float = 0.005,
-              end_ratio: float = 0.01):
-  """Learning rate as a fraction of the peak at iteration `step` (official `lr_wd_annealing`).
-
-  Warmup: linear from `warmup_start` (wp0) at step 0 towards 1 at `warmup_steps`. Afterwards, with
-  p = (step - warmup) / (total - 1 - warmup): `lin0` keeps 1 for p < 0.05 then goes linearly to `end_ratio`
-  (wpe) at p = 1; `lin` the same with a 0.15 plateau; `lin00` linear from 1; `cos` cosine to wpe; `exp`
-  exponential after a 0.15 plateau; `linX` a linear ramp to a mid value over the first X then linear to wpe.
-  Works on Python numbers and on traced jax scalars.
-  """
-  step = jnp.asarray(step, jnp.float32)
-  wp, wpe = float(round(warmup_steps)), float(end_ratio)
-  warm = warmup_start + (1 - warmup_start) * step / max(wp, 1.0)
-  p = (step - wp) / max(total_steps - 1 - wp, 1.0)
-  rest = 1 - p
-  if schedule == "cos":
-    after = wpe + (1 - wpe) * (0.5 + 0.5 * jnp.cos(jnp.pi * p))
-  elif schedule in ("lin", "lin0"):
-    t = 0.15 if schedule == "lin" else 0.05
-    after = jnp.where(p < t, 1.0, wpe + (1 - wpe) * rest / (1 - t))
-  elif schedule == "lin00":
-    after = wpe + (1 - wpe) * rest
-  elif schedule == "exp":
-    t = 0.15
-    after = jnp.where(p < t, 1.0, jnp.exp((p - t) / (1 - t) * math.log(wpe)))
-  elif schedule.startswith("lin"):
-    t = float(schedule[3:])
-    mid = (1 + wpe + (1 - wpe) * (1 - t)) / 2
-    after = jnp.where(p < t, 1 + (mid - 1) * p / t, wpe + (mid - wpe) * rest / (1 - t))
-  else:
-    raise ValueError(f"Unknown lr schedule {schedule!r}; use lin0, lin, lin00, linX (e.g. lin0.1), cos, exp")
-  return jnp.where(step < wp, warm, after)
-
-
-def weight_decay_at(step, *, weight_decay: float, weight_decay_end: float, total_steps: int):
-  """Official weight-decay schedule: cosine from `weight_decay` (twd) at step 0 to `weight_decay_end` (twde).
-  """
-  p = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
-  return weight_decay_end + (weight_decay - weight_decay_end) * (0.5 + 0.5 * jnp.cos(jnp.pi * p))
-
-
-def peak_lr(optim: ml_collections.ConfigDict, global_batch: int) -> float:
-  """Official lr scaling: peak = tblr * global_batch / 256."""
-  return optim.tblr * global_batch / 256
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Optimizer
-# ------------------------------------------------------------------------------------------------------------
-
-# Official no-weight-decay keywords (VAR utils/lr_control.py `filter_params`), matched against parameter
-# paths.
-NO_DECAY_KEYWORDS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC",
-                     "pos_start", "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias",
-                     "scale_mul")
-
-
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
-
-
-def _logical_names(var: nnx.Variable) -> tuple:
-  meta = var.get_metadata()
-  names = meta.get("out_sharding", meta.get("sharding", None))
-  return tuple(names) if names else ()
-
-
-def decay_mask(params: nnx.State) -> nnx.State:
-  """True where AdamW weight decay applies, by the official rule: no decay for 1-D params, names ending in
-  `bias`, and names containing a NO_DECAY_KEYWORDS entry. Stacked layers (logical axis "layers") do not count
-  as a dimension, so a scanned block's (depth, C) bias is still "1-D"."""
-
-  def decays(path, var):
-    name = _path_str(path)
-    value = var.get_value() if isinstance(var, nnx.Variable) else var  # also works on abstract states
-    ndim = len(value.shape) - (_logical_names(var).count("layers") if isinstance(var, nnx.Variable) else 0)
-    if ndim <= 1 or name.endswith("bias") or any(k in name for k in NO_DECAY_KEYWORDS):
-      return False
-    return True
-
-  return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def _path_lookup_mask(table: dict[str, bool]) -> Callable:
-  """An optax mask callable that works on both Variable trees (init) and pure-array trees (update)."""
-
-  def mask(tree):
-    return jax.tree_util.tree_map_with_path(lambda p, _: table[_path_str(p)], tree,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-  return mask
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, params: nnx.State, *, global_batch: int,
-                   total_steps: int,
-                   frozen: Callable[[str], bool] | None = None) -> optax.GradientTransformation:
-  """AdamW with the official recipe: clip(2.0) -> Adam(b1, b2, eps) -> decoupled weight decay on the decay set
-  with the cosine wd schedule -> lr schedule scaled to tblr * batch / 256.
-
-  `params` is the nnx.State of the trainable parameters (Variables, for their paths and logical names).
-  `frozen(path)` marks parameters that get no optimizer update at all (e.g. an EMA-updated codebook).
-  """
-  table = {_path_str(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(
-      decay_mask(params), is_leaf=lambda x: isinstance(x, bool))}
-  peak = peak_lr(optim, global_batch)
-  kw = dict(schedule=optim.schedule, warmup_steps=optim.warmup_steps, total_steps=total_steps,
-            warmup_start=optim.warmup_start, end_ratio=optim.end_ratio)
-  lr = lambda count: peak * lr_factor(count, **kw)
-  wd = lambda count: weight_decay_at(count, weight_decay=optim.weight_decay,
-                                     weight_decay_end=optim.weight_decay_end, total_steps=total_steps)
-  parts = []
-  if optim.grad_clip and optim.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim.grad_clip))
-  parts += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
-            optax.add_decayed_weights(wd, mask=_path_lookup_mask(table)),
-            optax.scale_by_learning_rate(lr)]
-  tx = optax.chain(*parts)
-  if frozen is not None:
-    trainable = {k: not frozen(k) for k in table}
-    if not all(trainable.values()):
-      tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                 lambda tree: jax.tree_util.tree_map_with_path(
-                                     lambda p, _: "train" if trainable[_path_str(p)] else "frozen", tree,
-                                     is_leaf=lambda x: isinstance(x, nnx.Variable)))
-  return tx
-
-
-# ------------------------------------------------------------------------------------------------------------
-# VAR loss and progressive training
-# ------------------------------------------------------------------------------------------------------------
-
-
-def scale_begin_ends(patch_nums) -> list[tuple[int, int]]:
-  """Token ranges of every scale in the flattened sequence."""
-  out, cur = [], 0
-  for pn in patch_nums:
-    out.append((cur, cur + pn * pn))
-    cur += pn * pn
-  return out
-
-
-def progressive_stage(step: int, *, num_scales: int, pg: float, pg0: int, warmup_steps: int, total_steps: int,
-                      pg_warmup_steps: int) -> tuple[int, float]:
-  """Official progressive training (`--pg`, trainer.py): returns (prog_si, prog_wp) for 0-based iteration
-  `step`.
-
-  prog_si ramps from pg0 to S-1 over [warmup, pg * total]; the newest scale's loss weight ramps with
-  prog_wp = clip(prog_it / pg_warmup_steps, 0.01, 1), prog_it counting the iterations since prog_si last
-  changed (1-based), and 1 during the first stage. prog_si = -1 means "all scales, full weights" (no
-  progressive training, or the last stage). Pure function of `step`, so a resumed run continues the ramp
-  exactly.
-  """
-  if not pg:
-    return -1, 1.0
-
-  def si_at(it):
-    if it <= warmup_steps:
-      return pg0
-    if it >= total_steps * pg:
-      return num_scales - 1
-    progress = min(max((it - warmup_steps) / (total_steps * pg - warmup_steps), 0), 1)
-    return pg0 + round(progress * (num_scales - 1 - pg0))
-
-  si = si_at(step)
-  first = si_at(0) == si
-  if si == num_scales - 1:
-    return -1, 1.0
-  lo, hi = 0, step  # first iteration with this prog_si (si_at is non-decreasing)
-  while lo < hi:
-    mid = (lo + hi) // 2
-    if si_at(mid) >= si:
-      hi = mid
-    else:
-      lo = mid + 1
-  prog_it = step - lo + 1
-  wp = 1.0 if first else max(min(prog_it / max(pg_warmup_steps, 1), 1.0), 0.01)
-  return si, wp
-
-
-def var_loss_weights(patch_nums, prog_si, prog_wp):
-  """Per-token loss weights (L,): 1/L everywhere; under progressive training the scales after prog_si get 0
-  and scale prog_si gets prog_wp / L (VAR trainer.py). Block-causal attention makes zero-weighting the later
-  scales equal to the official truncated forward, so one compiled step serves every stage. prog_si may be
-  traced."""
-  begin_ends = scale_begin_ends(patch_nums)
-  seq_len = begin_ends[-1][1]
-  lvl = np.concatenate([np.full(e - b, i) for i, (b, e) in enumerate(begin_ends)])  # (L,)
-  lvl = jnp.asarray(lvl)
-  prog_si = jnp.asarray(prog_si)
-  full = prog_si < 0
-  w = jnp.where(lvl < prog_si, 1.0, jnp.where(lvl == prog_si, prog_wp, 0.0))
-  return jnp.where(full, 1.0, w) / seq_len
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Codebook statistics (tokenizer stage)
-# ------------------------------------------------------------------------------------------------------------
-
-
-class CodebookStat(nnx.Variable):
-  """Running codebook statistics (not trained by the optimizer, saved in checkpoints)."""
-
-
-class CodebookStats(nnx.Module):
-  """EMA of per-code assignment counts (usage, dead-code detection) and, for EMA codebooks, of the assigned
-  vector sums (VQ-VAE-2 style updates)."""
-
-  def __init__(self, vocab_size: int, z_channels: int, tokens_per_step: int):
-    share = tokens_per_step / vocab_size  # a uniform code's expected hits per step: usage starts "alive"
-    self.usage = CodebookStat(jnp.full((vocab_size,), share, jnp.float32), out_sharding=("codebook",))
-    self.ema_count = CodebookStat(jnp.full((vocab_size,), share, jnp.float32), out_sharding=("codebook",))
-    self.ema_sum = CodebookStat(jnp.zeros((vocab_size, z_channels), jnp.float32),
-                                out_sharding=("codebook", "latent"))
-
-
-def scale_residuals(tokenizer, f, idx_list):
-  """The vectors each scale quantised: z_si = area(f - f_hat_{si-1} -> pn_si) (the last scale unresized), i.e.
-  exactly what the quantizer's nearest-code search saw. f (B, P, P, C) -> [(B * pn^2, C)] (no gradient)."""
-  from tokenizer.resample import area_resize
-
-  f = jax.lax.stop_gradient(f.astype(jnp.float32))
-  f_hats = jax.lax.stop_gradient(tokenizer.idx_to_fhat(idx_list, all_scales=True))
-  patch_nums = tokenizer.config.patch_nums
-  out = []
-  for si, pn in enumerate(patch_nums):
-    rest = f if si == 0 else f - f_hats[si - 1]
-    z = rest if si == len(patch_nums) - 1 else area_resize(rest, pn)
-    out.append(z.reshape(-1, f.shape[-1]))
-  return out
-
-
-def codebook_usage_metrics(idx_list, vocab_size: int) -> dict[str, jax.Array]:
-  """Per-scale perplexity (exp of the code-distribution entropy) and fraction of codes used in this batch."""
-  metrics = {}
-  total = jnp.zeros((vocab_size,), jnp.float32)
-  for si, idx in enumerate(idx_list):
-    counts = jnp.zeros((vocab_size,), jnp.float32).at[idx.reshape(-1)].add(1.0)
-    total = total + counts
-    p = counts / counts.sum()
-    metrics[f"perplexity/s{si}"] = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0)))
-    metrics[f"codes_used/s{si}"] = jnp.mean(counts > 0)
-  p = total / total.sum()
-  metrics["perplexity"] = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0)))
-  metrics["codes_used"] = jnp.mean(total > 0)
-  return metrics
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Trainers: every piece of training state in one nnx module, so one split/merge covers it
-# ------------------------------------------------------------------------------------------------------------
-
-
-def tokenizer_config_from(config: ml_collections.ConfigDict):
-  """VQVAEConfig from `config.tokenizer` (a preset name plus field overrides)."""
-  from tokenizer.vqvae import VQVAEConfig
-
-  fields = dict(config.tokenizer.to_dict())
-  preset = fields.pop("preset", None)
-  fields["dtype"] = config.dtype
-  if preset:
-    return VQVAEConfig.preset(preset, **fields)
-  return VQVAEConfig(**fields)
-
-
-class TokenizerTrainer(nnx.Module):
-  """VQVAE + its AdamW, codebook statistics, and (optional) PatchGAN + its optimizer and frozen LPIPS."""
-
-  def __init__(self, config: ml_collections.ConfigDict, *, global_batch: int, rngs: nnx.Rngs):
-    from tokenizer.losses import LPIPS, PatchDiscriminator
-    from tokenizer.vqvae import VQVAE
-
-    vq_config = tokenizer_config_from(config)
-    loss = config.loss
-    self.model = VQVAE(vq_config, rngs=rngs)
-    ema = loss.codebook_update == "ema"
-    frozen = (lambda path: path.endswith("quantize.embedding.embedding")) if ema else None
-    tx = make_optimizer(config.optim, nnx.state(self.model, nnx.Param), global_batch=global_batch,
-                        total_steps=config.total_steps, frozen=frozen)
-    self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
-    tokens = global_batch * sum(p * p for p in vq_config.patch_nums)
-    self.codebook_stats = CodebookStats(vq_config.vocab_size, vq_config.z_channels, tokens)
-    disc = disc_opt = lpips = None
-    if loss.gan_weight > 0:
-      disc = PatchDiscriminator(vq_config.in_channels, loss.disc_base_channels, loss.disc_layers, rngs=rngs)
-      tx_d = optax.adam(peak_lr(ml_collections.ConfigDict({"tblr": loss.disc_tblr}), global_batch),
-                        b1=loss.disc_b1, b2=loss.disc_b2)
-      disc_opt = nnx.Optimizer(disc, tx_d, wrt=nnx.Param)
-    if loss.lpips_weight > 0:
-      lpips = LPIPS(rngs=rngs)  # weights replaced by the local files after init (see load_frozen_weights)
-    self.disc, self.disc_opt, self.lpips = disc, disc_opt, lpips
-
-
-def var_config_from(config: ml_collections.ConfigDict, tok_config):
-  """VARConfig from `config.model` (`depth` + overrides; the official builder), with the vocabulary, latent
-  width and patch_nums of the tokenizer."""
-  from var.model import VARConfig
-
-  fields = dict(config.model.to_dict())
-  depth = fields.pop("depth")
-  fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items()
-            if v is not None and not (isinstance(v, (tuple, list)) and not v)}  # () / None: not overridden
-  # load_tokenizer_config already applied (and checked) config.model.patch_nums
-  fields["patch_nums"] = tok_config.patch_nums
-  return VARConfig.from_depth(depth, vocab_size=tok_config.vocab_size, z_channels=tok_config.z_channels,
-                              dtype=config.dtype, **fields)
-
-
-class VarTrainer(nnx.Module):
-  """VAR transformer + its AdamW + the frozen tokenizer that turns images into tokens inside the step."""
-
-  def __init__(self, config: ml_collections.ConfigDict, tok_config, *, global_batch: int, rngs: nnx.Rngs):
-    from tokenizer.vqvae import VQVAE
-    from var.model import VAR
-
-    self.model = VAR(var_config_from(config, tok_config), rngs=rngs)
-    tx = make_optimizer(config.optim, nnx.state(self.model, nnx.Param), global_batch=global_batch,
-                        total_steps=config.total_steps)
-    self.opt = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
-    self.tokenizer = VQVAE(tok_config, rngs=rngs)  # replaced by the pretrained weights after init
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Train / eval steps (pure functions of (graphdef, state); jitted by `_compiled_steps`)
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _step_rng(seed: int, step) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def var_tokenize(tokenizer, images):
-  """Images (B, H, W, 3) in [-1, 1] -> (gt tokens (B, L) int32, teacher-forcing input (B, L - 1, Cvae))."""
-  idx_list = tokenizer.img_to_idx(images)
-  x = tokenizer.idx_to_var_input(idx_list)
-  return jax.lax.stop_gradient(jnp.concatenate(idx_list, axis=1)), jax.lax.stop_gradient(x)
-
-
-def var_train_step(graphdef, state, batch, prog_si, prog_wp, *, config: ml_collections.ConfigDict):
-  """One VAR update: tokenise, teacher-forced forward with class dropout + drop path, weighted CE, AdamW."""
-  from var.model import cross_entropy_loss
-
-  trainer = nnx.merge(graphdef, state)
-  step = trainer.opt.step[...]
-  rng = _step_rng(config.seed, step)
-  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
-  labels = batch["label"].astype(jnp.int32)
-  model_cfg = trainer.model.config
-  weights = var_loss_weights(model_cfg.patch_nums, prog_si, prog_wp)
-
-  def loss_fn(model):
-    logits = model(labels, x, cond_drop_rate=config.loss.cond_drop_rate, rng=rng,
-                   deterministic=model_cfg.drop_path_rate == 0)
-    return cross_entropy_loss(logits, gt, config.loss.label_smoothing, weights[None]), logits
-
-  (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(trainer.model)
-  grad_norm = optax.tree.norm(grads)
-  trainer.opt.update(trainer.model, grads)
-  metrics = {"loss": loss, "grad_norm": grad_norm, **_var_token_metrics(logits, gt, model_cfg.patch_nums),
-             "lr": peak_lr(config.optim, batch["label"].shape[0]) * lr_factor(
-                 step, schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps,
-                 total_steps=config.total_steps, warmup_start=config.optim.warmup_start,
-                 end_ratio=config.optim.end_ratio)}
-  return nnx.state(trainer), metrics
-
-
-def _var_token_metrics(logits, gt, patch_nums):
-  """Token accuracy overall and on the last scale, and the last-scale ("tail") CE like the official logs."""
-  b, e = scale_begin_ends(patch_nums)[-1]
-  pred = jnp.argmax(logits, axis=-1)
-  logp = jax.nn.log_softmax(logits[:, b:e].astype(jnp.float32), axis=-1)
-  tail = -jnp.take_along_axis(logp, gt[:, b:e, None], axis=-1).mean()
-  return {"acc": jnp.mean(pred == gt), "acc_tail": jnp.mean(pred[:, b:e] == gt[:, b:e]), "loss_tail": tail}
-
-
-def var_eval_step(graphdef, state, batch, *, config: ml_collections.ConfigDict):
-  """Held-out sums (masked by batch["mask"]) of the loss without class dropout or drop path, and of token
-  accuracies. (The official validation also drops 10% of labels; here eval is clean.)"""
-  trainer = nnx.merge(graphdef, state)
-  gt, x = var_tokenize(trainer.tokenizer, batch["image"])
-  logits = trainer.model(batch["label"].astype(jnp.int32), x)
-  mask = batch["mask"].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, gt[..., None], axis=-1)[..., 0]  # (B, L)
-  b, e = scale_begin_ends(trainer.model.config.patch_nums)[-1]
-  correct = jnp.argmax(logits, axis=-1) == gt
-  return {"count": mask.sum(), "loss": (nll.mean(-1) * mask).sum(),
-          "loss_tail": (nll[:, b:e].mean(-1) * mask).sum(), "acc": (correct.mean(-1) * mask).sum(),
-          "acc_tail": (correct[:, b:e].mean(-1) * mask).sum()}
-
-
-def _rec_loss(rec, img, loss_cfg):
-  out = 0.0
-  if loss_cfg.l1_weight:
-    out = out + loss_cfg.l1_weight * jnp.mean(jnp.abs(rec - img))
-  if loss_cfg.l2_weight:
-    out = out + loss_cfg.l2_weight * jnp.mean(jnp.square(rec - img))
-  return out
-
-
-def tokenizer_train_step(graphdef, state, batch, *, config: ml_collections.ConfigDict):
-  """One tokenizer update: reconstruction (+ LPIPS) + VQ terms (+ adaptive-weight hinge GAN after its start
-  step), AdamW; EMA codebook update and dead-code restart; discriminator update."""
-  from tokenizer.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
-
-  trainer = nnx.merge(graphdef, state)
-  loss_cfg = config.loss
-  step = trainer.opt.step[...]
-  rng = _step_rng(config.seed, step)
-  img = batch["image"]
-  gan_on = (step >= loss_cfg.gan_start_step).astype(jnp.float32) if trainer.disc is not None else 0.0
-  if trainer.disc is not None:
-    # The generator sees D through a throw-away copy (fresh Variables, made inside whichever trace calls it):
-    # gradients flow through D's activations and the copy's BatchNorm statistics are dropped; only the D
-    # update below moves D's state.
-    disc_graph, disc_state = nnx.split(trainer.disc)
-    disc_view = lambda x: nnx.merge(disc_graph, jax.tree.map(lambda v: v, disc_state))(x)
-
-  def forward(model):
-    f = model.encode(img)
-    f_hat, vq_loss, idx_list = model.quantize(f)
-    rec = model.decoder(model.post_quant_conv(f_hat).astype(model.config.dtype)).astype(jnp.float32)
-    nll = _rec_loss(rec, img, loss_cfg)
-    if trainer.lpips is not None:
-      nll = nll + loss_cfg.lpips_weight * jnp.mean(trainer.lpips(rec, img))
-    g_loss = generator_adv_loss(disc_view(rec)) if trainer.disc is not None else jnp.zeros(())
-    return nll, g_loss, vq_loss, rec, f, idx_list
-
-  def loss_fn(model, d_weight):
-    nll, g_loss, vq_loss, rec, f, idx_list = forward(model)
-    total = nll + loss_cfg.vq_weight * vq_loss + d_weight * gan_on * g_loss
-    return total, (nll, g_loss, vq_loss, rec, f, idx_list)
-
-  d_weight = jnp.zeros(())
-  if trainer.disc is not None:
-    # taming's adaptive weight: gradients of the two terms at the decoder's last conv
-    last = nnx.DiffState(0, nnx.All(nnx.Param, nnx.PathContains("decoder"), nnx.PathContains("conv_out")))
-    nll_grad = nnx.grad(lambda m: forward(m)[0], argnums=last)(trainer.model)
-    g_grad = nnx.grad(lambda m: forward(m)[1], argnums=last)(trainer.model)
-    d_weight = adaptive_weight(nll_grad, g_grad, loss_cfg.gan_weight)
-  (total, (nll, g_loss, vq_loss, rec, f, idx_list)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-      trainer.model, d_weight)
-  grad_norm = optax.tree.norm(grads)
-  # what each scale quantised, with the pre-update codebook and phi (the ones that chose idx_list)
-  zs = jnp.concatenate(scale_residuals(trainer.model, f, idx_list), axis=0)  # (N, Cvae)
-  trainer.opt.update(trainer.model, grads)
-  metrics = {"loss": total, "rec_loss": nll, "vq_loss": vq_loss, "grad_norm": grad_norm,
-             "psnr": psnr(jnp.clip(rec, -1, 1), img)}
-
-  _update_codebook(trainer, zs, idx_list, rng, step, loss_cfg, metrics)
-
-  if trainer.disc is not None:
-    fake = jax.lax.stop_gradient(rec)
-
-    def d_loss_fn(disc):
-      return hinge_d_loss(disc(img), disc(fake)) * gan_on
-
-    d_loss, d_grads = nnx.value_and_grad(d_loss_fn)(trainer.disc)
-    trainer.disc_opt.update(trainer.disc, d_grads)
-    metrics.update(d_loss=d_loss, g_loss=g_loss, d_weight=d_weight)
-  metrics.update(codebook_usage_metrics(idx_list, trainer.model.config.vocab_size))
-  return nnx.state(trainer), metrics
-
-
-def _update_codebook(trainer, zs, idx_list, rng, step, loss_cfg, metrics):
-  """Usage EMA, EMA codebook (when configured) and dead-code restart, in place on the merged trainer.
-  zs (N, Cvae) are the vectors the quantizer assigned to the tokens idx_list (concatenated in the same
-  order)."""
-  stats = trainer.codebook_stats
-  quant = trainer.model.quantize
-  vocab = quant.vocab_size
-  idx = jnp.concatenate([i.reshape(-1) for i in idx_list])  # (N,)
-  counts = jnp.zeros((vocab,), jnp.float32).at[idx].add(1.0)
-  decay = loss_cfg.ema_decay
-  stats.usage[...] = decay * stats.usage[...] + (1 - decay) * counts
-  codebook = quant.embedding.embedding[...]
-  if loss_cfg.codebook_update == "ema":
-    sums = jnp.zeros_like(stats.ema_sum[...]).at[idx].add(zs)
-    stats.ema_count[...] = decay * stats.ema_count[...] + (1 - decay) * counts
-    stats.ema_sum[...] = decay * stats.ema_sum[...] + (1 - decay) * sums
-    n = stats.ema_count[...].sum()
-    # Laplace smoothing keeps rarely used codes finite
-    smoothed = (stats.ema_count[...] + 1e-5) / (n + vocab * 1e-5) * n
-    codebook = stats.ema_sum[...] / smoothed[:, None]
-  if loss_cfg.restart_every > 0:
-    share = idx.shape[0] / vocab
-    restart_now = (step % loss_cfg.restart_every == 0) & (step > 0)
-    dead = (stats.usage[...] < loss_cfg.restart_threshold * share) & restart_now
-    pick = jax.random.randint(jax.random.fold_in(rng, 1), (vocab,), 0, zs.shape[0])
-    codebook = jnp.where(dead[:, None], zs[pick], codebook)
-    # a restarted code gets a uniform share of usage, so it is not restarted again before it had a chance
-    stats.usage[...] = jnp.where(dead, share, stats.usage[...])
-    stats.ema_count[...] = jnp.where(dead, share, stats.ema_count[...])
-    stats.ema_sum[...] = jnp.where(dead[:, None], zs[pick] * share, stats.ema_sum[...])
-    metrics["codes_restarted"] = dead.sum()
-  quant.embedding.embedding[...] = codebook
-  share = idx.shape[0] / vocab
-  metrics["codes_alive"] = jnp.mean(stats.usage[...] >= loss_cfg.restart_threshold * share)
-
-
-def psnr(a, b):
-  """Mean PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
-  mse = jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=(1, 2, 3))
-  return jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12)))
-
-
-def tokenizer_eval_step(graphdef, state, batch, *, config: ml_collections.ConfigDict):
-  """Held-out sums (masked by batch["mask"]) of PSNR and L1 of the reconstruction through the tokens (clamped,
-  like `img_to_reconstructed_img`), and the token histogram for codebook usage."""
-  trainer = nnx.merge(graphdef, state)
-  model = trainer.model
-  img = batch["image"]
-  mask = batch["mask"].astype(jnp.float32)
-  idx_list = model.img_to_idx(img)
-  rec = model.fhat_to_img(model.idx_to_fhat(idx_list))
-  mse = jnp.mean(jnp.square(rec - img), axis=(1, 2, 3))
-  psnr_b = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
-  vocab = model.config.vocab_size
-  hist = jnp.stack([jnp.zeros((vocab,), jnp.float32).at[idx].add(jnp.broadcast_to(mask[:, None], idx.shape))
-                    for idx in idx_list])  # (S, V)
-  return {"count": mask.sum(), "psnr": (psnr_b * mask).sum(),
-          "l1": (jnp.mean(jnp.abs(rec - img), axis=(1, 2, 3)) * mask).sum(), "hist": hist}
-
+from var.optim import (  # noqa: F401  (re-exported: tests and benchmarks reach them through train_lib)
+  decay_mask,
+  lr_factor,
+  make_optimizer,
+  peak_lr,
+  weight_decay_at,
+)
+from var.stages import tokenizer as tokenizer_stage
+from var.stages import var as var_stage
+from var.stages.tokenizer import (  # noqa: F401  (re-exported)
+  TokenizerTrainer,
+  codebook_usage_metrics,
+  scale_residuals,
+  tokenizer_config_from,
+  tokenizer_train_step,
+)
+from var.stages.var import (  # noqa: F401  (re-exported)
+  load_tokenizer_config,
+  progressive_stage,
+  var_config_from,
+  var_loss_weights,
+  var_tokenize,
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # Setup: config checks, sharded state, jitted steps
 # ------------------------------------------------------------------------------------------------------------
 
-STAGES = ("tokenizer", "var")
+STAGES = ("tokenizer", "var", "code_drafter", "code_refiner")
+# The stages that train a VAR on the tokens of a frozen tokenizer (config.tokenizer_dir): one trainer, eval step,
+# sample grid and exported model directory; only their train steps differ.
+VAR_STAGES = ("var", "code_drafter", "code_refiner")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -585,54 +78,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.dtype={config.dtype!r} must be 'float32' or 'bfloat16'")
   lr_factor(0, schedule=config.optim.schedule, warmup_steps=1, total_steps=2)  # unknown schedule -> error
+  if config.get("code") is not None and config.stage not in ("code_drafter", "code_refiner"):
+    raise ValueError(f"config.code is CoDe's fine-tuning block but config.stage={config.stage!r}: set "
+                     "config.stage='code_drafter' or 'code_refiner' (configs/digits_code.py), or drop config.code")
   if config.stage == "tokenizer":
-    loss = config.loss
-    if loss.codebook_update not in ("grad", "ema"):
-      raise ValueError(f"config.loss.codebook_update={loss.codebook_update!r} must be 'grad' or 'ema'")
-    if not (loss.l1_weight or loss.l2_weight or loss.lpips_weight):
-      raise ValueError("the tokenizer needs a reconstruction loss: set config.loss.l1_weight, l2_weight or "
-                       "lpips_weight > 0")
-    if loss.lpips_weight > 0:
-      for field in ("lpips_vgg_weights", "lpips_lin_weights"):
-        path = loss[field]
-        if not path or not pathlib.Path(path).is_file():
-          raise FileNotFoundError(
-              f"config.loss.{field}={path!r} does not exist. LPIPS needs the local torchvision VGG16 state "
-              "dict (vgg16-397923af.pth) and the LPIPS v0.1 'vgg.pth' linear weights (nothing is "
-              "downloaded); set both paths or disable LPIPS with config.loss.lpips_weight=0.")
+    tokenizer_stage.validate(config)
+  elif config.stage == "var":
+    var_stage.validate(config)
   else:
-    tok_dir = pathlib.Path(config.tokenizer_dir) if config.tokenizer_dir else None
-    if tok_dir is None or not (tok_dir / "config.json").is_file():
-      raise FileNotFoundError(
-          f"config.tokenizer_dir={config.tokenizer_dir!r} is not a tokenizer model directory (no "
-          "config.json). Train one with `train.py --config configs/digits_tokenizer.py` (it writes "
-          "<workdir>/model) or convert the official weights with "
-          "`python -m var.convert --vae vae_ch160v4096z32.pth --out DIR`.")
+    from var.stages import code as code_stage
 
-
-def load_tokenizer_config(config: ml_collections.ConfigDict):
-  """The frozen tokenizer's VQVAEConfig (from its model directory), with the VAR's patch_nums if the config
-  sets them; checks that the last scale matches the latent size of the configured image resolution."""
-  from tokenizer.vqvae import VQVAEConfig
-
-  path = pathlib.Path(config.tokenizer_dir) / "config.json"
-  try:
-    meta = json.loads(path.read_text())
-    tok = VQVAEConfig.from_dict(meta["tokenizer"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"Cannot read the tokenizer config {path}: {e}") from e
-  if config.model.get("patch_nums"):
-    pn = tuple(config.model.patch_nums)
-    res = config.input.resolution
-    if res % tok.downsample or res // tok.downsample != pn[-1]:
-      raise ValueError(
-          f"config.model.patch_nums={pn} ends in {pn[-1]}, but the tokenizer in {config.tokenizer_dir} turns "
-          f"{res}px images into a {res / tok.downsample:g}x{res / tok.downsample:g} latent (downsample "
-          f"{tok.downsample}): the last patch size must equal the latent size, e.g. patch_nums ending in "
-          f"{res // tok.downsample}")
-    tok = dataclasses.replace(tok, patch_nums=pn)
-  tok.check_image_size(config.input.resolution)
-  return dataclasses.replace(tok, dtype="float32")  # tokens are computed in float32, like the official code
+    code_stage.validate(config)
 
 
 @dataclasses.dataclass
@@ -652,8 +108,8 @@ class Setup:
 
 def _build_fn(config, global_batch, tok_config):
   if config.stage == "tokenizer":
-    return lambda: TokenizerTrainer(config, global_batch=global_batch, rngs=nnx.Rngs(config.seed))
-  return lambda: VarTrainer(config, tok_config, global_batch=global_batch, rngs=nnx.Rngs(config.seed))
+    return lambda: tokenizer_stage.TokenizerTrainer(config, global_batch=global_batch, rngs=nnx.Rngs(config.seed))
+  return lambda: var_stage.VarTrainer(config, tok_config, global_batch=global_batch, rngs=nnx.Rngs(config.seed))
 
 
 _STEP_CACHE: dict = {}
@@ -668,6 +124,7 @@ def _step_cache_key(config, tok_config, mesh):
   fields = {k: v for k, v in config.to_dict().items() if k not in loop_only}
   reading = ("workers", "read_threads", "data_dir")
   fields["input"] = {k: v for k, v in fields["input"].items() if k not in reading}
+  fields["input"]["tokens_dir"] = bool(fields["input"].get("tokens_dir"))  # the batch's structure, not the path
   return json.dumps(fields, sort_keys=True, default=str), tok_config, mesh
 
 
@@ -682,22 +139,22 @@ def _compiled_steps(config, graphdef, shardings, mesh, tok_config=None):
   data_sharding = shd.batch_sharding(mesh)
   repl = shd.replicated(mesh)
   if config.stage == "tokenizer":
-    train = functools.partial(tokenizer_train_step, graphdef, config=config)
+    train = functools.partial(tokenizer_stage.tokenizer_train_step, graphdef, config=config)
     train = _skipping_nonfinite(train) if config.skip_nonfinite else train
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding), out_shardings=(shardings, repl),
                          donate_argnums=0)
-    evalf = functools.partial(tokenizer_eval_step, graphdef, config=config)
-  elif config.get("code"):  # CoDe fine-tuning (var/code_train.py): a VAR-stage run with another step
-    from var import code_train
+    evalf = functools.partial(tokenizer_stage.tokenizer_eval_step, graphdef, config=config)
+  elif config.stage in ("code_drafter", "code_refiner"):  # a VAR stage with another train step
+    from var.stages import code as code_stage
 
-    train_step = code_train.compiled_train_step(config, graphdef, shardings, mesh)
-    evalf = functools.partial(var_eval_step, graphdef, config=config)
+    train_step = code_stage.compiled_train_step(config, graphdef, shardings, mesh)
+    evalf = functools.partial(var_stage.var_eval_step, graphdef, config=config)
   else:
-    train = functools.partial(var_train_step, graphdef, config=config)
+    train = functools.partial(var_stage.var_train_step, graphdef, config=config)
     train = _skipping_nonfinite(train) if config.skip_nonfinite else train
     train_step = jax.jit(train, in_shardings=(shardings, data_sharding, repl, repl),
                          out_shardings=(shardings, repl), donate_argnums=0)
-    evalf = functools.partial(var_eval_step, graphdef, config=config)
+    evalf = functools.partial(var_stage.var_eval_step, graphdef, config=config)
   eval_step = jax.jit(evalf, in_shardings=(shardings, data_sharding), out_shardings=repl)
   _STEP_CACHE[key] = (train_step, eval_step)
   return train_step, eval_step
@@ -1009,9 +466,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
   mesh = shd.make_mesh(tuple(config.mesh))
   shd.check_batch_divisible(config.input.batch_size, mesh)
   data.input_config(config.input)  # unknown / invalid input fields fail here
-  tok_config = load_tokenizer_config(config) if config.stage == "var" else None
+  tok_config = var_stage.load_tokenizer_config(config) if config.stage in VAR_STAGES else None
+  if tok_config is not None and config.input.get("tokens_dir"):  # tokenise-once input: fail before any compile
+    from var import token_data
+
+    token_data.check_for_run(config, tok_config)
   info = data.dataset_info(config.input)  # a missing dataset or data_dir fails here, before any compile
-  if config.stage == "var" and info.num_classes != config.model.num_classes:
+  if config.stage in VAR_STAGES and info.num_classes != config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.input.name!r} has {info.num_classes} classes; set "
                      f"--config.model.num_classes={info.num_classes}")
@@ -1071,8 +532,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
     with jax.set_mesh(mesh):
       for step in range(start, end):
         batch = shd.shard_batch(next(train_iter), mesh)
-        if config.stage == "var":
-          prog_si, prog_wp = (-1, 1.0) if pg is None else progressive_stage(
+        if config.stage in VAR_STAGES:
+          prog_si, prog_wp = (-1, 1.0) if pg is None else var_stage.progressive_stage(
               step, num_scales=num_scales, pg=pg.pg, pg0=pg.pg0, warmup_steps=config.optim.warmup_steps,
               total_steps=total, pg_warmup_steps=pg.warmup_steps)
           setup.state, metrics = setup.train_step(setup.state, batch, jnp.asarray(prog_si, jnp.int32),
@@ -1086,7 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *, init_from:
         bar.update(1)
         log_now = done % config.log_every_steps == 0 or done == end
         eval_now = bool(config.eval_every_steps) and done % config.eval_every_steps == 0 and done != total
-        sample_now = (config.stage == "var" and bool(config.sample_every_steps)
+        sample_now = (config.stage in VAR_STAGES and bool(config.sample_every_steps)
                       and done % config.sample_every_steps == 0)
         save_now = done % config.ckpt.every_steps == 0 or done == end
         if log_now or eval_now or sample_now or save_now:

@@ -29,6 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from var.optim import lr_factor, peak_lr
+from var.stages.var import var_inputs
+
 
 def _levels(patch_nums: Sequence[int]) -> np.ndarray:
   return np.concatenate([np.full(p * p, i, np.int32) for i, p in enumerate(patch_nums)])  # (L,) scale index
@@ -109,30 +112,55 @@ def refiner_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fine-tuning steps. Both are VAR-stage runs (config.stage = "var") with a `config.code` block
-# (configs/digits_code.py): role "drafter" or "refiner", draft_steps N, and for the refiner the frozen large
-# model's directory. They keep the VAR stage's trainer (model + AdamW + frozen tokenizer), checkpoints, data
-# position and loop; only the step differs. The refiner's teacher is NOT part of the train state (it never
-# changes, so checkpoints stay the student's size, as big_vision's two-stage trainers do): it is placed on the
-# mesh with the student's sharding rules and passed to the jitted step as an argument.
+# The two fine-tuning stages, config.stage = "code_drafter" / "code_refiner" (configs/digits_code.py), with a
+# `config.code` block: draft_steps N, and for the refiner the frozen large model's directory and the CE weight.
+# They are VAR stages in everything but the step: the VAR trainer (model + AdamW + frozen tokenizer), data,
+# checkpoints with the data position, evaluation (the VAR held-out loss), sample grids and the exported VAR model
+# directory (what sample.py --checkpoint / --refiner read). The refiner's teacher is NOT part of the train state (it
+# never changes, so checkpoints stay the student's size, as big_vision's two-stage trainers do): it is placed on
+# the mesh with the student's sharding rules and passed to the jitted step as an argument.
 
-ROLES = ("drafter", "refiner")
+STAGES = ("code_drafter", "code_refiner")
+# the fields of config.code each stage reads (a field the stage would not read is an error, not ignored)
+CODE_FIELDS = {"code_drafter": ("draft_steps",), "code_refiner": ("draft_steps", "teacher_dir", "ce_weight")}
 
 
 def validate(config) -> None:
-  """Checks config.code before any work: role, draft_steps against the configured patch_nums, teacher_dir."""
+  """Checks a CoDe stage's config before any work: the VAR stage's checks, the config.code block and its fields,
+  draft_steps against the patch_nums of the tokenizer (or config.model.patch_nums), teacher_dir, no progressive
+  training."""
   import pathlib
 
-  code_cfg = config.code
-  if code_cfg.role not in ROLES:
-    raise ValueError(f"config.code.role={code_cfg.role!r} must be one of {ROLES}")
+  from var.stages import var as var_stage
+
+  stage = config.stage
+  if stage not in STAGES:
+    raise ValueError(f"config.stage={stage!r} is not a CoDe stage; use one of {STAGES}")
+  var_stage.validate(config)
+  code_cfg = config.get("code")
+  want = CODE_FIELDS[stage]
+  if code_cfg is None:
+    raise ValueError(f"config.stage={stage!r} needs a config.code block with {want} (configs/digits_code.py)")
+  have = tuple(code_cfg.keys())
+  if sorted(have) != sorted(want):
+    raise ValueError(f"config.code has fields {sorted(have)} but stage {stage!r} reads exactly {sorted(want)}: "
+                     f"remove {sorted(set(have) - set(want))}, add {sorted(set(want) - set(have))}")
   if config.get("progressive") is not None and config.progressive.pg:
-    raise ValueError("config.progressive.pg must be 0 for CoDe fine-tuning (the loss already picks the scales)")
-  if code_cfg.role == "refiner":
+    raise ValueError(f"config.progressive.pg={config.progressive.pg} must be 0 for CoDe fine-tuning (the loss "
+                     "already picks the scales): set --config.progressive.pg=0")
+  patch_nums = var_stage.load_tokenizer_config(config).patch_nums
+  n, s = code_cfg.draft_steps, len(patch_nums)
+  lo, hi = (1, s) if stage == "code_drafter" else (0, s - 1)
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not lo <= n <= hi:
+    raise ValueError(f"config.code.draft_steps={n!r} is out of range for the {s}-scale patch_nums "
+                     f"{tuple(patch_nums)}: the {stage} stage needs an integer in {lo}..{hi} (the drafter draws "
+                     f"scales 0..N-1, the refiner N..{s - 1}); set --config.code.draft_steps")
+  if stage == "code_refiner":
     teacher = pathlib.Path(code_cfg.teacher_dir) if code_cfg.teacher_dir else None
     if teacher is None or not (teacher / "config.json").is_file():
       raise FileNotFoundError(f"config.code.teacher_dir={code_cfg.teacher_dir!r} is not a model directory; the "
-                              "refiner distils from the frozen large VAR (e.g. the drafter's <workdir>/model)")
+                              "code_refiner stage distils from the frozen large VAR: set --config.code.teacher_dir "
+                              "to its model directory (e.g. the VAR stage's or the drafter's <workdir>/model)")
 
 
 def _labels_and_rng(config, step, labels, num_classes):
@@ -144,11 +172,9 @@ def _labels_and_rng(config, step, labels, num_classes):
 
 
 def _metrics(loss, grads, logits, gt, config, batch, step):
-  from var import train_lib
-
   return {"loss": loss, "grad_norm": optax.tree.norm(grads),
           "acc": jnp.mean(jnp.argmax(logits, axis=-1) == gt),
-          "lr": train_lib.peak_lr(config.optim, batch["label"].shape[0]) * train_lib.lr_factor(
+          "lr": peak_lr(config.optim, batch["label"].shape[0]) * lr_factor(
               step, schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps,
               total_steps=config.total_steps, warmup_start=config.optim.warmup_start,
               end_ratio=config.optim.end_ratio)}
@@ -157,15 +183,13 @@ def _metrics(loss, grads, logits, gt, config, batch, step):
 def drafter_train_step(graphdef, state, batch, prog_si, prog_wp, *, config):
   """One code_drafter update (the VAR step's signature; prog_si / prog_wp are unused): the forward stops after
   the drafted scales (block-causal attention: the same logits as the full forward there), CE over them."""
-  from var import train_lib
-
   del prog_si, prog_wp
   trainer = nnx.merge(graphdef, state)
   step = trainer.opt.step[...]
   mcfg = trainer.model.config
   n = int(config.code.draft_steps)
   cum = mcfg.begin_ends[n - 1][1]  # tokens of scales 0..N-1
-  gt, x = train_lib.var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_inputs(trainer.tokenizer, batch)
   gt, x = gt[:, :cum], x[:, :cum - mcfg.first_l]
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
 
@@ -181,7 +205,7 @@ def drafter_train_step(graphdef, state, batch, prog_si, prog_wp, *, config):
 def refiner_train_step(graphdef, state, batch, prog_si, prog_wp, teacher, *, teacher_graphdef, config):
   """One code_refiner update: the frozen teacher's teacher-forced logits on the same tokens and labels, then the
   weighted KL + CE (refiner_loss) with the draft-token weight alpha(step)."""
-  from var import code, train_lib
+  from var import code
 
   del prog_si, prog_wp
   trainer = nnx.merge(graphdef, state)
@@ -189,7 +213,7 @@ def refiner_train_step(graphdef, state, batch, prog_si, prog_wp, teacher, *, tea
   step = trainer.opt.step[...]
   mcfg = trainer.model.config
   code.check_pair(teacher.config, mcfg)  # at trace time: the teacher must read the student's token maps
-  gt, x = train_lib.var_tokenize(trainer.tokenizer, batch["image"])
+  gt, x = var_inputs(trainer.tokenizer, batch)
   labels, rng = _labels_and_rng(config, step, batch["label"].astype(jnp.int32), mcfg.num_classes)
   teacher_logits = jax.lax.stop_gradient(teacher(labels, x))  # (B, L, V)
   weights = refiner_token_weights(mcfg.patch_nums, int(config.code.draft_steps), step, config.total_steps)
@@ -230,7 +254,7 @@ def compiled_train_step(config, graphdef, shardings, mesh):
 
   validate(config)
   data_sharding, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
-  if config.code.role == "drafter":
+  if config.stage == "code_drafter":
     step = functools.partial(drafter_train_step, graphdef, config=config)
     return jax.jit(step, in_shardings=(shardings, data_sharding, repl, repl), out_shardings=(shardings, repl),
                    donate_argnums=0)
