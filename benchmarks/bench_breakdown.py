@@ -23,8 +23,7 @@ Every stage reports seconds and GFLOP/s, and its fraction of two peaks measured 
 matmul and a 3x3 conv (1, 128, 128, 320) -> 320 (a decoder level). FLOPs: analytic for the transformer layers
 (their `lax.scan` is a while loop, which XLA's cost analysis counts once) and for the train forward/backward
 (3x the forward), XLA's cost analysis (`compiled.cost_analysis()['flops']`) for the loop-free stages (head +
-sampling, next input, decode, tokenise, optimizer). `--topk` compares the top-k/top-p masking alone with the
-full-vocabulary sort it replaced, on the sampler's logits shapes.
+sampling, next input, decode, tokenise, optimizer).
 """
 
 from __future__ import annotations
@@ -79,16 +78,6 @@ def transformer_flops(config: var_model.VARConfig, rows: int, n: int, held: int)
   c, hidden = config.width, config.mlp_hidden
   per_layer = 2 * c * 6 * c + n * 2 * c * (3 * c + c + 2 * hidden) + 4 * n * (held + n) * c
   return float(rows * config.depth * per_layer)
-
-
-def sort_mask(logits, top_k: int, top_p: float):
-  """The previous top-k/top-p masking (full stable sort of the vocabulary and its inverse): the --topk baseline."""
-  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-  logits = jnp.where(logits < kth, -jnp.inf, logits)
-  order = jnp.argsort(logits, axis=-1)
-  remove = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1) <= 1 - top_p
-  remove = jnp.take_along_axis(remove.at[..., -1].set(False), jnp.argsort(order, axis=-1), axis=-1)
-  return jnp.where(remove, -jnp.inf, logits)
 
 
 class StagedSampler:
@@ -242,22 +231,6 @@ def bench_sampler(name, var, vae, sampling, batch, iters, peaks, device) -> None
                     "tokens_match": bool(np.array_equal(fused_tokens, np.asarray(staged_tokens)))}), flush=True)
 
 
-def bench_topk(var_config, sampling, batch, iters, device) -> None:
-  """Top-k 900 / top-p 0.96 masking alone, new vs the full sort, on the logits of the last scale and of all."""
-  for scales in ("last", "all"):
-    rows = var_config.patch_nums[-1] ** 2 if scales == "last" else var_config.seq_len
-    logits = 3 * jax.random.normal(jax.random.key(0), (batch, rows, var_config.vocab_size), jnp.float32)
-    new = jax.jit(lambda x: sampler_lib.mask_top_k_top_p(x, sampling.top_k, sampling.top_p))
-    old = jax.jit(lambda x: sort_mask(x, sampling.top_k, sampling.top_p))
-    top_k_only = jax.jit(lambda x: sampler_lib.mask_top_k_top_p(x, sampling.top_k, 0.0))
-    same = bool(np.array_equal(np.asarray(new(logits)), np.asarray(old(logits))))
-    t_new, t_old, t_k = (_best(f, (logits,), iters) for f in (new, old, top_k_only))
-    print(json.dumps({"bench": "topk_topp_mask", "device": device, "shape": list(logits.shape), "scales": scales,
-                      "top_k": sampling.top_k, "top_p": sampling.top_p, "sort_s": round(t_old, 4),
-                      "new_s": round(t_new, 4), "top_k_only_s": round(t_k, 4), "speedup": round(t_old / t_new, 2),
-                      "identical": same}), flush=True)
-
-
 def bench_train(name, batch, iters, peaks, device, quick: bool) -> None:
   """The VAR train step of var/train_lib.py split into tokenise, forward + backward and optimizer."""
   import optax
@@ -340,8 +313,6 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=2, help="timed runs (the best is reported)")
   p.add_argument("--train", default="", help="comma-separated presets whose train step is split too (e.g. d16)")
   p.add_argument("--train_batch", type=int, default=8)
-  p.add_argument("--topk", action="store_true", help="also time the top-k/top-p masking against the full sort")
-  p.add_argument("--topk_batch", type=int, default=8, help="batch of the --topk logits (B, n, V)")
   p.add_argument("--quick", action="store_true", help="smoke run: tiny VAR + fixture VQVAE, batch 2, one run")
   args = p.parse_args(argv)
   device = f"{jax.devices()[0].platform}:{jax.device_count()}x {jax.devices()[0].device_kind}"
@@ -365,8 +336,6 @@ def main(argv=None):
       var = with_dtype(var, args.dtype)
     for batch in batches:
       bench_sampler(name, var, vae, sampling, batch, iters, peaks, device)
-    if args.topk or args.quick:
-      bench_topk(cfg, sampling, 2 if args.quick else args.topk_batch, iters, device)
     del var
   train = ["tiny"] if args.quick else [m for m in args.train.split(",") if m]
   for name in train:
