@@ -122,7 +122,7 @@ def _fit(params, images, labels, key, *, graphdef, steps, batch_size, max_shift,
     return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, p)(x), y).mean()
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, opt_state, i):
+  def step(p, opt_state, i, images, labels):  # the data are arguments, not constants folded into the program
     k_idx, k_shift = jax.random.split(jax.random.fold_in(key, i))
     idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
     grads = jax.grad(loss_fn)(p, _shift(images[idx], k_shift, max_shift), labels[idx])
@@ -132,7 +132,7 @@ def _fit(params, images, labels, key, *, graphdef, steps, batch_size, max_shift,
   params = jax.tree.map(jnp.array, params)  # own copies: the step donates them
   opt_state = tx.init(params)
   for i in range(steps):
-    params, opt_state = step(params, opt_state, jnp.int32(i))
+    params, opt_state = step(params, opt_state, i, images, labels)
   return params
 
 
