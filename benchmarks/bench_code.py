@@ -1,7 +1,7 @@
 """CoDe (var/code.py) sampling throughput and memory against the drafter alone (random weights, 256px schedule).
 
   python -m benchmarks.bench_code [--drafter auto|d30|d24] [--refiner d16] [--draft_steps 8] \
-      [--batch_sizes 16,64] [--dtype bfloat16] [--iters 2] [--memory_gb 24] [--quick]
+      [--batch_sizes 16,64] [--dtype bfloat16] [--iters 2] [--warmup 1] [--memory_gb 24] [--quick]
 
 Both samplers are var.sampler.Sampler AOT-compiled once per batch with CoDe's FID preset (cfg 1.5, top-k 600,
 top-p 0.96, CoDe's per-scale temperatures); the drafter alone runs the same options on every scale. VQVAE decode
@@ -69,9 +69,12 @@ def choose_drafter(refiner: var_model.VARConfig, batch: int, memory_gb: float, d
   return "d24", f"d30 + refiner would need ~{need / 2**30:.1f} GB at batch {batch} > {memory_gb} GB"
 
 
-def _time(sampler, batch: int, iters: int) -> float:
+def _time(sampler, batch: int, iters: int, warmup: int = 1) -> float:
+  """Best of `iters` timed calls after `warmup` untimed ones (the sampler is AOT-compiled already, so a warm-up
+  only pre-touches its buffers: worth it for seconds-long calls, noise for the ten-minute ones at d24 batch 64)."""
   labels, seeds = np.arange(batch) % sampler.config.num_classes, np.arange(batch)
-  jax.block_until_ready(sampler(labels, seeds)["images"])  # warm-up
+  for _ in range(warmup):
+    jax.block_until_ready(sampler(labels, seeds)["images"])
   best = float("inf")
   for i in range(iters):
     t0 = time.perf_counter()
@@ -156,6 +159,7 @@ def main(argv=None):
   p.add_argument("--batch_sizes", default="16,64")
   p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   p.add_argument("--iters", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones, per (batch, plan)")
   p.add_argument("--memory_gb", type=float, default=24.0)
   p.add_argument("--quick", action="store_true", help="tiny models (a smoke run, not for reporting)")
   p.add_argument("--digits", action="store_true", help="the digits quality table instead of the speed benchmark")
@@ -219,7 +223,7 @@ def main(argv=None):
       s = code.code_sampler(drafter, refiner, vae, draft_steps=n, batch=batch, sampling=sampling, temperatures=temps)
       compile_s = s.compile(batch)
       temp_bytes = s._compiled[(batch, False)].memory_analysis().temp_size_in_bytes
-      sec = _time(s, batch, iters)
+      sec = _time(s, batch, iters, args.warmup)
       rates[plan_name] = batch / sec
       kv = batch * (kv_bytes_per_sample(drafter_cfg) if n > 0 else 0) + batch * (
           kv_bytes_per_sample(refiner_cfg) if n < len(drafter_cfg.patch_nums) else 0)
