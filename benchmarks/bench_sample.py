@@ -7,8 +7,8 @@ top-p 0.96, final VQVAE decode included. Prints JSON lines:
 * "matmul_peak": the best 2048^3 float32 matmul rate of this machine, measured in the same run (the MFU baseline);
 * "forward_compile": lower + compile seconds of the d16 teacher-forced forward (256px, batch 1, abstract params);
 * "sample": per (batch, dtype) compile seconds, images/s, seconds/batch, MFU = (601 GFLOP transformer with CFG +
-  394 GFLOP VQVAE decode per image) * images/s / matmul peak, and the speed-up over the official PyTorch sampler
-  measured on this machine kind (d16, batch 8: 47.2 s/batch = 0.170 images/s).
+  394 GFLOP VQVAE decode per image) * images/s / matmul peak. The official PyTorch sampler in the same run:
+  benchmarks/bench_official.py (a figure from another run is no baseline: this CPU's speed moves by up to 1.6x).
 --quick: batch 1 only, one timed run.
 """
 
@@ -28,7 +28,6 @@ from var import model as var_model
 from var import sampler as sampler_lib
 
 GFLOP_PER_IMAGE = 601.0 + 394.0  # d16 transformer with CFG + VQVAE decode (256px; as upsample + conv: 349 executed)
-OFFICIAL_TORCH_IMG_PER_S = {8: 8 / 47.2}  # official PyTorch sampler, d16, same machine kind
 
 
 def matmul_peak(n: int = 2048, iters: int = 5) -> float:
@@ -125,8 +124,6 @@ def main(argv=None):
       mfu = GFLOP_PER_IMAGE * 1e9 * r["images_per_s"] / peak
       rec = {"bench": "sample", "device": device, "model": "d16", "resolution": 256, "batch": batch, "dtype": dtype,
              "cfg": 1.5, "top_k": 900, "top_p": 0.96, **r, "mfu": round(mfu, 4)}
-      if batch in OFFICIAL_TORCH_IMG_PER_S:
-        rec["speedup_vs_official_torch"] = round(r["images_per_s"] / OFFICIAL_TORCH_IMG_PER_S[batch], 3)
       print(json.dumps(rec), flush=True)
 
 

@@ -7,9 +7,8 @@
 Each step is the real jitted train step of var/train_lib.py on random weights: the frozen official-size VQVAE
 (vae_ch160v4096z32 architecture) turns a batch of 256x256 images into 680 tokens, then the VAR forward +
 backward (class dropout, drop path) and the AdamW update. One line per model: compile time, median step time,
-images/s, tokens/s (batch * 680 / step), and for d8 the speed-up over the official PyTorch trainer measured on
-the same 2-core CPU machine kind (fp32, random weights, batch 8, tokenising included: 16.6 s per step, 0.48
-images/s). `--tokenise_once` times the same compiled step on the tokens of the same images (the tokenise-once
+images/s, tokens/s (batch * 680 / step); the official PyTorch trainer in the same run: benchmarks/bench_official.py.
+`--tokenise_once` times the same compiled step on the tokens of the same images (the tokenise-once
 input of var/token_data.py: no encoder, no code search) right after, and adds `step_s_tokens` and the ratio
 `tokenise_once_speedup` = step_s / step_s_tokens.
 """
@@ -28,8 +27,6 @@ _OUT = flags.DEFINE_string("out", None, "Append the JSON lines to this file as w
 _TOKENISE_ONCE = flags.DEFINE_bool("tokenise_once", False, "Also time the step on token input (same images' "
                                    "tokens), in the same run.")
 
-# the official PyTorch VAR trainer: d8, batch 8, 256px, fp32, 2-core CPU, tokenising included
-OFFICIAL_D8_STEP_S = 16.6
 
 
 def bench_config(model: str, batch: int, dtype: str, resolution: int = 256):
@@ -51,73 +48,92 @@ def bench_config(model: str, batch: int, dtype: str, resolution: int = 256):
   return c
 
 
+class StepTimer:
+  """The real jitted VAR train step of `model` at (batch, resolution), compiled once for image input and (with
+  tokenise_once) once for token input; each `time_images()` / `time_tokens()` call runs one step on the same batch
+  (the state is threaded through, as in training) and returns its seconds."""
+
+  def __init__(self, model: str, batch: int, dtype: str = "float32", resolution: int = 256,
+               tokenise_once: bool = False):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from tokenizer.vqvae import VQVAEConfig
+    from var import sharding as shd
+    from var import train_lib
+
+    self.model, self.batch, self.dtype, self.resolution = model, batch, dtype, resolution
+    config = bench_config(model, batch, dtype, resolution)
+    self.tok_config = VQVAEConfig.preset("vqvae_256")
+    self.mesh = shd.make_mesh((-1, 1, 1))
+    t0 = time.perf_counter()
+    setup = train_lib.make_setup(config, self.mesh, tok_config=self.tok_config)
+    self.init_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    images = {"image": rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32),
+              "label": rng.integers(0, 1000, (batch,)).astype(np.int32)}
+    self.prog = (np.int32(-1), np.float32(1.0))
+    with jax.set_mesh(self.mesh):
+      self.batches = {"images": shd.shard_batch(images, self.mesh)}
+      if tokenise_once:  # the same images' tokens, before the steps donate the state
+        tokenise = jax.jit(lambda state, x: jnp.concatenate(
+            nnx.merge(setup.graphdef, state).tokenizer.img_to_idx(x), axis=1))
+        tokens = tokenise(setup.state, self.batches["images"]["image"])
+        self.batches["tokens"] = shd.shard_batch({"tokens": np.asarray(tokens), "label": images["label"]}, self.mesh)
+      self.compiled, self.compile_s = {}, {}
+      for kind, b in self.batches.items():
+        t0 = time.perf_counter()
+        self.compiled[kind] = setup.train_step.lower(setup.state, b, *self.prog).compile()
+        self.compile_s[kind] = time.perf_counter() - t0
+    self.state, self.metrics = setup.state, {}
+    self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state["model"]))
+    self.seq = sum(p * p for p in self.tok_config.patch_nums)
+
+  def _time(self, kind: str) -> float:
+    import jax
+
+    with jax.set_mesh(self.mesh):
+      t0 = time.perf_counter()
+      self.state, metrics = self.compiled[kind](self.state, self.batches[kind], *self.prog)
+      jax.block_until_ready(metrics)
+    self.metrics[kind] = metrics
+    return time.perf_counter() - t0
+
+  def time_images(self) -> float:
+    return self._time("images")
+
+  def time_tokens(self) -> float:
+    return self._time("tokens")
+
+
 def run_one(model: str) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
-  from tokenizer.vqvae import VQVAEConfig
-  from var import sharding as shd
-  from var import train_lib
-
-  config = bench_config(model, _BATCH.value, _DTYPE.value, _RESOLUTION.value)
-  tok_config = VQVAEConfig.preset("vqvae_256")
-  mesh = shd.make_mesh((-1, 1, 1))
-  t0 = time.perf_counter()
-  setup = train_lib.make_setup(config, mesh, tok_config=tok_config)
-  init_s = time.perf_counter() - t0
-  rng = np.random.default_rng(0)
-  res = _RESOLUTION.value
-  batch = {"image": rng.uniform(-1, 1, (_BATCH.value, res, res, 3)).astype(np.float32),
-           "label": rng.integers(0, 1000, (_BATCH.value,)).astype(np.int32)}
-  prog = (np.int32(-1), np.float32(1.0))
-
-  def timed(state, gbatch):
-    t0 = time.perf_counter()
-    compiled = setup.train_step.lower(state, gbatch, *prog).compile()
-    compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, gbatch, *prog)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, gbatch, *prog)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - t0)
-    return state, metrics, compile_s, times
-
-  with jax.set_mesh(mesh):
-    gbatch = shd.shard_batch(batch, mesh)
-    token_batch = None
-    if _TOKENISE_ONCE.value:  # the same images' tokens, before the steps donate the state
-      tokens = jax.jit(lambda state, images: jnp.concatenate(
-          nnx.merge(setup.graphdef, state).tokenizer.img_to_idx(images), axis=1))(setup.state, gbatch["image"])
-      token_batch = shd.shard_batch({"tokens": np.asarray(tokens), "label": batch["label"]}, mesh)
-    state, metrics, compile_s, times = timed(setup.state, gbatch)
-    if token_batch is not None:
-      state, token_metrics, compile_tokens_s, token_times = timed(state, token_batch)
-  step_s = float(np.median(times))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.state["model"]))
-  seq = sum(p * p for p in tok_config.patch_nums)
-  out = {"bench": "train_step", "model": model, "params": n_params, "batch": _BATCH.value, "resolution": res,
-         "tokens_per_image": seq, "dtype": _DTYPE.value, "devices": jax.device_count(),
-         "platform": jax.devices()[0].platform, "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
+  timer = StepTimer(model, _BATCH.value, _DTYPE.value, _RESOLUTION.value, _TOKENISE_ONCE.value)
+  timer.time_images()  # warm-up
+  times = [timer.time_images() for _ in range(_STEPS.value)]
+  if _TOKENISE_ONCE.value:
+    timer.time_tokens()
+    token_times = [timer.time_tokens() for _ in range(_STEPS.value)]
+  step_s, res = float(np.median(times)), _RESOLUTION.value
+  out = {"bench": "train_step", "model": model, "params": timer.n_params, "batch": _BATCH.value, "resolution": res,
+         "tokens_per_image": timer.seq, "dtype": _DTYPE.value, "devices": jax.device_count(),
+         "platform": jax.devices()[0].platform, "init_s": round(timer.init_s, 2),
+         "compile_s": round(timer.compile_s["images"], 2),
          "step_s": round(step_s, 3), "step_s_all": [round(t, 3) for t in times],
          "images_per_s": round(_BATCH.value / step_s, 3),
-         "tokens_per_s": round(_BATCH.value * seq / step_s, 1),
-         "loss": float(metrics["loss"])}
-  if token_batch is not None:
+         "tokens_per_s": round(_BATCH.value * timer.seq / step_s, 1),
+         "loss": float(timer.metrics["images"]["loss"])}
+  if _TOKENISE_ONCE.value:
     step_tokens_s = float(np.median(token_times))
-    out.update(compile_tokens_s=round(compile_tokens_s, 2), step_s_tokens=round(step_tokens_s, 3),
+    out.update(compile_tokens_s=round(timer.compile_s["tokens"], 2), step_s_tokens=round(step_tokens_s, 3),
                step_s_tokens_all=[round(t, 3) for t in token_times],
                images_per_s_tokens=round(_BATCH.value / step_tokens_s, 3),
-               tokenise_once_speedup=round(step_s / step_tokens_s, 2), loss_tokens=float(token_metrics["loss"]))
-  if model == "d8" and _BATCH.value == 8 and res == 256:
-    out["official_step_s"] = OFFICIAL_D8_STEP_S
-    out["speedup_vs_official"] = round(OFFICIAL_D8_STEP_S / step_s, 2)
-    if token_batch is not None:
-      out["speedup_vs_official_tokens"] = round(OFFICIAL_D8_STEP_S / step_tokens_s, 2)
+               tokenise_once_speedup=round(step_s / step_tokens_s, 2),
+               loss_tokens=float(timer.metrics["tokens"]["loss"]))
   return out
 
 
