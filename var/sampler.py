@@ -77,21 +77,67 @@ class SamplerHooks:
 def mask_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
   """Official `sample_with_top_k_top_p_` masking on (..., V) logits: -inf below the k-th largest value (ties with
   it are kept), then -inf on the ascending-sorted entries whose cumulative softmax is <= 1 - top_p (the largest
-  entry is always kept)."""
+  entry is always kept). The ascending order is a stable sort (ties in vocabulary order), which decides which of
+  several tied entries at the nucleus boundary go.
+
+  With top_k > 0 the nucleus step never sorts the vocabulary: see `_top_p_after_top_k`."""
   v = logits.shape[-1]
   if top_k > v:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {v}")
+  if top_k > 0 and top_p > 0:
+    return _top_p_after_top_k(logits, top_k, top_p)
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p > 0:
-    order = jnp.argsort(logits, axis=-1)  # ascending
+    order = jnp.argsort(logits, axis=-1)  # ascending, stable
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     remove = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - top_p
     remove = remove.at[..., -1].set(False)
     remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)  # back to vocabulary order
     logits = jnp.where(remove, -jnp.inf, logits)
   return logits
+
+
+def _top_p_after_top_k(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then top-p, bit for bit what the sort-based path of `mask_top_k_top_p` gives, without sorting V.
+
+  After top-k the stable ascending sort of the masked row is known from `lax.top_k` alone:
+  [-inf] * (V - k'), [kth] * (k' - k), the k top values reversed, where k' >= k counts the entries >= kth (ties
+  with the k-th value beyond the k returned). The cumulative softmax runs over exactly that (V,) row, so every
+  float op matches the sorted path; only the positions of the kept entries in that order are computed instead of
+  sorted for: lax.top_k lists ties lower index first, so within a group of equal values (a stretch [a, b] of the
+  top-k list) the ascending sort holds the same indices in the same order, at V - (b + 1) + (j - a); the tied
+  k-th values beyond the top k follow their group's top-k members in index order."""
+  shape, v = logits.shape, logits.shape[-1]
+  x = logits.reshape(-1, v)  # (R, V)
+  # -0.0 == 0.0 for the comparisons and the sort, but lax.top_k orders -0.0 below 0.0: canonical zeros for it
+  vals, idx = jax.lax.top_k(jnp.where(x == 0, 0.0, x), top_k)  # (R, k) descending; ties lower index first
+  # XLA:CPU turns top_k into its TopK kernel only while the sort it lowers to is read by leading slices; the
+  # reversed and shifted reads below would make it a full sort of V again
+  vals, idx = jax.lax.optimization_barrier((vals, idx))
+  kth = vals[:, -1:]
+  kept = ~(x < kth)  # the top-k mask (entries >= kth)
+  n_kept = jnp.sum(kept, axis=-1, keepdims=True, dtype=jnp.int32)  # k'
+  # the masked row in stable ascending order (V,): what argsort + take_along_axis gives
+  head = jnp.where(jnp.arange(v - top_k) < v - n_kept, -jnp.inf, kth)  # (R, V - k)
+  sorted_logits = jnp.concatenate([head, vals[:, ::-1]], axis=-1)
+  remove_sorted = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= 1 - top_p
+  remove_sorted = remove_sorted.at[:, -1].set(False)
+
+  # ascending positions of the top-k entries: group [a, b] of equal values in the descending list
+  j = jnp.arange(top_k)
+  change = vals[:, 1:] != vals[:, :-1]
+  edge = jnp.ones((x.shape[0], 1), bool)
+  first = jax.lax.cummax(jnp.where(jnp.concatenate([edge, change], 1), j, 0), axis=1)  # a
+  after = jax.lax.cummin(jnp.where(jnp.concatenate([change, edge], 1), j + 1, top_k), axis=1, reverse=True)  # b + 1
+  pos_top = v - jnp.where(vals == kth, n_kept, after) + (j - first)  # (R, k)
+  # the k-th value's group in index order; its top-k members are its lowest indices, so this agrees with pos_top
+  tied = x == kth
+  pos = jnp.where(tied, v - n_kept + jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1, 0)
+  pos = jnp.put_along_axis(pos, idx, pos_top, axis=-1, inplace=False)  # (R, V)
+  remove = jnp.take_along_axis(remove_sorted, pos, axis=-1)
+  return jnp.where(kept & ~remove, x, -jnp.inf).reshape(shape)
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig, ratio: float,
