@@ -111,6 +111,10 @@ def _top_p_after_top_k(logits: jax.Array, top_k: int, top_p: float) -> jax.Array
   k-th values beyond the top k follow their group's top-k members in index order."""
   shape, v = logits.shape, logits.shape[-1]
   x = logits.reshape(-1, v)  # (R, V)
+  # one materialised copy for every read below: XLA may otherwise recompute the producer (the CFG mix) inside
+  # several consumer fusions, with and without FMA contraction, so top_k and the comparisons would see values an
+  # ulp apart (the batch-layout-dependent CoDe sample of test_sample_cli_code_flags)
+  x = jax.lax.optimization_barrier(x)
   # -0.0 == 0.0 for the comparisons and the sort, but lax.top_k orders -0.0 below 0.0: canonical zeros for it
   vals, idx = jax.lax.top_k(jnp.where(x == 0, 0.0, x), top_k)  # (R, k) descending; ties lower index first
   # XLA:CPU turns top_k into its TopK kernel only while the sort it lowers to is read by leading slices; the
