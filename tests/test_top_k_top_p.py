@@ -41,18 +41,23 @@ def _logits(vocab, step):
   return jnp.asarray(x, jnp.float32)
 
 
-@pytest.mark.parametrize("vocab,step", [(64, 0.5), (4096, 0.25), (4096, 1e-3)])
-@pytest.mark.parametrize("top_k", [0, 1, 7, 50, 900, -1])  # -1: the whole vocabulary
+_CASES = [(vocab, step, top_k) for vocab, step in [(64, 0.5), (4096, 0.25), (4096, 1e-3)]
+          for top_k in (0, 1, 7, 50, 900, vocab) if top_k <= vocab]  # top_k = vocab: the whole vocabulary
+
+
+@pytest.mark.parametrize("vocab,step,top_k", _CASES)
 @pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 0.96])
 def test_mask_equals_the_full_sort(vocab, step, top_k, top_p):
-  top_k = vocab if top_k == -1 else top_k
-  if top_k > vocab:
-    pytest.skip("top_k > vocabulary is an error")
   logits = _logits(vocab, step)
   got = jax.jit(sampler_lib.mask_top_k_top_p, static_argnums=(1, 2))(logits, top_k, top_p)
   want = jax.jit(_sort_reference, static_argnums=(1, 2))(logits, top_k, top_p)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   np.testing.assert_array_equal(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)))  # -0.0 stays -0.0
+
+
+def test_top_k_beyond_the_vocabulary_is_refused():
+  with pytest.raises(ValueError, match="top_k=900 exceeds the vocabulary size 64"):
+    sampler_lib.mask_top_k_top_p(_logits(64, 0.5), 900, 0.9)
 
 
 def test_ties_beyond_k_and_at_the_nucleus_boundary():
