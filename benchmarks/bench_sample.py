@@ -30,11 +30,11 @@ from var import sampler as sampler_lib
 GFLOP_PER_IMAGE = 601.0 + 394.0  # d16 transformer with CFG + VQVAE decode (256px; as upsample + conv: 349 executed)
 
 
-def matmul_peak(n: int = 2048, iters: int = 5) -> float:
-  """Best float32 n^3 matmul rate (FLOP/s) over a few runs."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
+def matmul_peak(n: int = 2048, iters: int = 5, dtype=jnp.float32) -> float:
+  """Best n^3 matmul rate (FLOP/s) over a few runs, inputs in `dtype`, accumulated in float32."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))
   best = float("inf")
   for _ in range(iters):
