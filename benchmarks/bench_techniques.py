@@ -104,7 +104,7 @@ def scale_seconds(var, plan: plan_lib.ScalePlan, si: int, rows: int, kv_dtype, i
   key = jax.random.key(si)
   runs = []
   for start, stop in sampler_lib._runs(held):
-    shape = (stop - start, rows, held[start], cfg.num_heads, cfg.head_dim)
+    shape = (stop - start, rows, cfg.num_heads, cfg.head_dim, held[start])  # the cache's order (CacheRun)
     runs.append(sampler_lib.CacheRun(jax.random.normal(key, shape, dtype), jax.random.normal(key, shape, dtype),
                                      start, stop, tuple(held[start:stop])))
   restore = None
