@@ -222,7 +222,11 @@ def held_lengths(state: ModelState, depth: int) -> tuple[int, ...]:
 def kv_layout(state: ModelState) -> list[tuple[int, int, tuple[int, ...], str]]:
   """(start, stop, k shape, dtype) of every cache run: what is allocated between two scales. The shape is given
   as (layers, R, size, H, hd) whatever the storage order (`CacheRun`)."""
-  return [(r.start, r.stop, tuple(from_cache(r.k).shape), str(r.k.dtype)) for r in (state.runs or ())]
+  out = []
+  for r in state.runs or ():
+    layers, rows, heads, hd, size = r.k.shape
+    out.append((r.start, r.stop, (layers, rows, size, heads, hd), str(r.k.dtype)))
+  return out
 
 
 def kv_bytes(state: ModelState) -> int:
@@ -410,7 +414,6 @@ class _LayerRun:
                                       to_cache(a)], axis=-1)) for b, a in zip(buf, (k, v), strict=True))
       else:
         box["k"], box["v"] = k, v
-      box["k_new"], box["v_new"] = k, v
       return box["k"], box["v"]
 
     probe = (lambda **kw: box.update(kw)) if self.capacity is not None else None
