@@ -274,11 +274,12 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
 
   Layers are grouped into runs of equal (cached length, pruned or not, capacity, recorded or not, cache buffer,
   what happens to it); each run is one `lax.scan` over its layers (weights indexed inside the body, so compile
-  time does not grow with depth) carrying its cache buffer. A layer attends over [its cached tokens ; this call's
-  tokens] and no more; a layer that keeps everything writes its new keys/values in place (the plain plan holds
-  one buffer for the whole loop, like a preallocated cache, sized to what is re-read); with a capacity the layer
-  keeps that many tokens (ScaleKV) right after its attention, in an array of that size; a pruned layer forwards
-  and appends only the kept tokens (FastVAR)."""
+  time does not grow with depth) that only reads its cache buffer and returns the new keys/values. A layer
+  attends over [its cached tokens ; this call's tokens] and no more; a layer that keeps everything has its new
+  keys/values written in place after the scan, all layers at once (the plain plan holds one buffer for the whole
+  loop, like a preallocated cache, sized to what is re-read); with a capacity the layer keeps that many tokens
+  (ScaleKV) right after its attention, in an array of that size; a pruned layer forwards and appends only the
+  kept tokens (FastVAR)."""
   graphdef, params = nnx.split(model.blocks)
   depth, dtype = model.config.depth, model.config.compute_dtype
   runs = state.runs or ()
@@ -317,9 +318,7 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
     held_t, is_pruned, cap, is_rec, mode, own, = keys[start]
     appended = prune.keep if is_pruned else m
     if mode == _FRESH:
-      size = max(spec.sizes[start:stop])
-      shape = (stop - start, x.shape[0], model.config.num_heads, model.config.head_dim, size)
-      buf, offset = (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)), start
+      buf, offset = None, start
     elif own >= 0:
       buf, offset = buffers[own], runs[own].start
     else:
@@ -337,12 +336,21 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
     run = _LayerRun(graphdef=graphdef, params=params, spec=spec, pruned=is_pruned, capacity=cap, record=is_rec,
                     window=window, compress=compress, prune_fn=prune_fn, kv_dtype=kv_dtype, mode=mode, held=held_t,
                     offset=offset)
-    (h, buf), ys = jax.lax.scan(functools.partial(run.body, block_cond=block_cond, attn_bias=attn_bias, m=m),
-                                (h, buf), (jnp.arange(start, stop), restore))
+    # The scan only reads the cache buffer (a loop invariant) and returns the new keys/values; they are written
+    # after it, all layers at once. Carrying the buffer through the scan and writing it inside made XLA:CPU copy
+    # the whole buffer at every layer (2.2 s a scale for the d16 batch-8 cache, whatever the scale's size).
+    h, ys = jax.lax.scan(functools.partial(run.body, buf=buf, block_cond=block_cond, attn_bias=attn_bias, m=m),
+                         h, (jnp.arange(start, stop), restore))
     if mode == _FRESH:
-      new_runs.append(CacheRun(*buf, start, stop, (held_t + appended,) * (stop - start)))
+      size = max(spec.sizes[start:stop])
+      shape = (stop - start, x.shape[0], model.config.num_heads, model.config.head_dim, size)
+      k, v = (jax.lax.dynamic_update_slice(jnp.zeros(shape, kv_dtype), ys[name], (0, 0, 0, 0, 0))
+              for name in ("k_new", "v_new"))
+      new_runs.append(CacheRun(k, v, start, stop, (held_t + appended,) * (stop - start)))
     elif mode == _INPLACE:
-      buffers[own] = buf
+      at = (start - offset, 0, 0, 0, held_t)
+      buffers[own] = tuple(jax.lax.dynamic_update_slice(b, ys[name], at)
+                           for b, name in zip(buf, ("k_new", "v_new"), strict=True))
       lengths[start:stop] = [held_t + appended] * (stop - start)
     elif mode in (_COMPRESS, _GROW):
       length = cap if mode == _COMPRESS else held_t + appended
@@ -372,8 +380,8 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
 
 @dataclasses.dataclass(frozen=True)
 class _LayerRun:
-  """One run of layers inside `forward_scale`: `body` is the lax.scan body over its layers, carrying (h, the
-  run's cache buffer)."""
+  """One run of layers inside `forward_scale`: `body` is the lax.scan body over its layers, carrying h and
+  reading the run's cache buffer (never writing it: what it keeps comes out as the scan's outputs)."""
   graphdef: Any
   params: Any
   spec: ScaleForward
@@ -386,38 +394,31 @@ class _LayerRun:
   kv_dtype: Any
   mode: str
   held: int  # cached tokens of every layer of the run
-  offset: int  # the first layer of the carried buffer
+  offset: int  # the first layer of the run's cache buffer
 
-  def body(self, carry, xs, *, block_cond, attn_bias, m):
-    h, buf = carry  # buf: (k, v) (layers, R, H, hd, size) or None
+  def body(self, h, xs, *, buf, block_cond, attn_bias, m):
+    # buf: the run's cache buffer (k, v) (layers, R, H, hd, size), read only; None when nothing is cached yet
     layer, restore = xs  # restore: this layer's recorded {'attn', 'ffn'} (R, n*, C) on pruned runs
     block = nnx.merge(self.graphdef, jax.tree.map(lambda a: a[layer], self.params))
     mod = block.modulation(block_cond)[:, None]  # (R, 1, 6, C)
     li = layer - self.offset
-    box = {}
+    box, ys = {}, {}
 
     def kv_fn(k, v):  # this call's keys/values (R, n', H, hd) -> what the layer attends over
-      box["k_new"], box["v_new"] = k, v
       rows, n_new, heads, hd = k.shape
-      if self.mode in (_INPLACE, _FRESH):  # write first, then read the layer's prefix back (no concatenation)
-        at = (li, 0, 0, 0, self.held)
-        box["buf"] = tuple(jax.lax.dynamic_update_slice(b, to_cache(a)[None].astype(b.dtype), at)
-                           for b, a in zip(buf, (k, v), strict=True))
-        size = (1, rows, heads, hd, self.held + n_new)
-        box["k"], box["v"] = (from_cache(jax.lax.dynamic_slice(b, (li, 0, 0, 0, 0), size)[0]).astype(k.dtype)
-                              for b in box["buf"])
-        return box["k"], box["v"]
+      new = (to_cache(k), to_cache(v))  # (R, H, hd, n')
+      if self.mode in (_INPLACE, _FRESH):  # kept: written after the scan; read back as the cache holds them
+        ys["k_new"], ys["v_new"] = (a.astype(self.kv_dtype) for a in new)
+        new = tuple(a.astype(k.dtype) for a in (ys["k_new"], ys["v_new"]))
       if self.held:  # [cached ; new], joined in the cache's order (what attention reads)
         size = (1, rows, heads, hd, self.held)
-        box["k"], box["v"] = (
-          from_cache(jnp.concatenate([jax.lax.dynamic_slice(b, (li, 0, 0, 0, 0), size)[0].astype(a.dtype),
-                                      to_cache(a)], axis=-1)) for b, a in zip(buf, (k, v), strict=True))
-      else:
-        box["k"], box["v"] = k, v
+        new = tuple(jnp.concatenate([jax.lax.dynamic_slice(b, (li, 0, 0, 0, 0), size)[0].astype(k.dtype), a], -1)
+                    for b, a in zip(buf, new, strict=True))
+      box["k"], box["v"] = (from_cache(a) for a in new)
       return box["k"], box["v"]
 
     probe = (lambda **kw: box.update(kw)) if self.capacity is not None else None
-    ys, spec = {}, self.spec
+    spec = self.spec
     if self.pruned:
       up = {name: pruning.upsample_branch(a, spec.side) for name, a in restore.items()}
       h = self.prune_fn(block, h, mod, spec.prune.keep, up["attn"], up["ffn"], kv_fn=kv_fn, probe=probe)
@@ -428,16 +429,14 @@ class _LayerRun:
       h = h + ffn
       if self.record:
         ys["attn"], ys["ffn"] = attn[:, m - spec.n:], ffn[:, m - spec.n:]
-    if self.mode in (_INPLACE, _FRESH):
-      buf = box["buf"]
-    elif self.mode == _COMPRESS:
+    if self.mode == _COMPRESS:
       positions, query_rows = self.window
       k, v, ys["index"] = self.compress(box["q"], box["k"], box["v"], self.capacity, positions, query_rows,
                                         logit_scale=box["logit_scale"], q_raw=box["q_raw"])
       ys["k"], ys["v"] = to_cache(k).astype(self.kv_dtype), to_cache(v).astype(self.kv_dtype)
     elif self.mode == _GROW:
       ys["k"], ys["v"] = to_cache(box["k"]).astype(self.kv_dtype), to_cache(box["v"]).astype(self.kv_dtype)
-    return (h, buf), ys
+    return h, ys
 
 
 def planned_held_lengths(plan: ScalePlan, patch_nums: Sequence[int], depth) -> list[tuple[int, ...]]:
