@@ -7,7 +7,8 @@ Random-weight official configs (`var.model.preset`, the vae_ch160v4096z32 VQVAE)
 top-p 0.96, the plain plan. The sampler stages are the library functions the fused sampler
 (`var.sampler.sample_loop`) traces, each jitted on its own and fed the previous stage's outputs (the KV cache is
 donated, so its in-place writes stay in place), per scale si:
-  transformer: `forward_scale` over the KV cache, both CFG halves (the class condition is built once, in "prologue")
+  transformer: `forward_scale` over the KV cache, both CFG halves (the class condition and the blocks' AdaLN
+    modulations are built once, in "prologue")
   sample: `model.logits` (AdaLN head + vocabulary projection, both halves), the CFG mix, `sample_tokens`
     (top-k/top-p masking, the categorical draw, the codebook lookup)
   next_input: `vae.next_autoregressive_input` (f_hat update, area/bicubic resampling) and `embed_scale` of the
@@ -95,7 +96,7 @@ class StagedSampler:
     self.vgd, self.vst = nnx.split(vae)
     self.fns = {"prologue": jax.jit(self._prologue), "decode": jax.jit(self._decode)}
     for si in range(s):
-      self.fns[("transformer", si)] = jax.jit(lambda st, x, bc, ms, si=si: self._transformer(si, st, x, bc, ms),
+      self.fns[("transformer", si)] = jax.jit(lambda st, x, md, ms, si=si: self._transformer(si, st, x, md, ms),
                                               donate_argnums=(3,))
       self.fns[("sample", si)] = jax.jit(lambda st, vst, h, c, k, g, si=si: self._sample(si, st, vst, h, c, k, g))
       self.fns[("next_input", si)] = jax.jit(lambda st, vst, f, e, si=si: self._next_input(si, st, vst, f, e))
@@ -103,13 +104,13 @@ class StagedSampler:
   def _prologue(self, st, labels):
     model = nnx.merge(self.gd, st)
     cond = model.condition(jnp.concatenate([labels, jnp.full_like(labels, model.config.num_classes)]))
-    return cond, model.block_condition(cond), model.first_tokens(cond)
+    return cond, model.layer_modulations(model.block_condition(cond)), model.first_tokens(cond)
 
-  def _transformer(self, si, st, x, block_cond, mstate):
+  def _transformer(self, si, st, x, mods, mstate):
     model = nnx.merge(self.gd, st)
     pn = self.patch_nums[si]
     spec = sampler_lib.ScaleForward(n=pn * pn, side=pn, emit=si < len(self.patch_nums) - 1, sizes=self.sizes[si])
-    return sampler_lib.forward_scale(model, x, block_cond, mstate, spec, hooks=sampler_lib.SamplerHooks(),
+    return sampler_lib.forward_scale(model, x, mods, mstate, spec, hooks=sampler_lib.SamplerHooks(),
                                      kv_options=self.plan.kv, kv_dtype=model.config.compute_dtype)
 
   def _sample(self, si, st, vst, h, cond, base_keys, guidance):
@@ -147,12 +148,12 @@ class StagedSampler:
     labels = jnp.asarray(labels, jnp.int32)
     base_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     guidance = jnp.float32(self.sampling.cfg)
-    cond, block_cond, x = call("prologue", self.st, labels)
+    cond, mods, x = call("prologue", self.st, labels)
     mstate = sampler_lib.ModelState()
     f_hat = jnp.zeros((self.b, self.patch_nums[-1], self.patch_nums[-1], self.var.config.z_channels), jnp.float32)
     tokens = []
     for si in range(len(self.patch_nums)):
-      h, mstate = call(("transformer", si), self.st, x, block_cond, mstate)
+      h, mstate = call(("transformer", si), self.st, x, mods, mstate)
       idx, h_emb = call(("sample", si), self.st, self.vst, h, cond, base_keys, guidance)
       tokens.append(idx)
       f_hat, x = call(("next_input", si), self.st, self.vst, f_hat, h_emb)

@@ -122,7 +122,7 @@ def scale_seconds(var, plan: plan_lib.ScalePlan, si: int, rows: int, kv_dtype, i
 
   def run(params, x, cond, state):
     model = nnx.merge(graphdef, params)
-    h, new = sampler_lib.forward_scale(model, x, model.block_condition(cond), state, spec,
+    h, new = sampler_lib.forward_scale(model, x, model.layer_modulations(model.block_condition(cond)), state, spec,
                                        hooks=sampler_lib.SamplerHooks(), kv_options=plan.kv, kv_dtype=dtype)
     return h, new
 

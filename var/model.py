@@ -405,6 +405,13 @@ class VAR(nnx.Module):
     x = jnp.concatenate([sos, self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))], axis=1)
     return x + self.level_pos()[:, :x.shape[1]]
 
+  def layer_modulations(self, block_cond: jax.Array) -> jax.Array:
+    """Every block's AdaLN modulation of `block_condition`'s output -> (depth, B, 1, 6, C). The sampler computes
+    it once per call instead of inside every scale's layer scan: the condition does not change across scales,
+    and at small scales re-reading each layer's 6C x C AdaLN kernel costs more than the scale's own work."""
+    graphdef, state = nnx.split(self.blocks)
+    return jax.lax.map(lambda layer_state: nnx.merge(graphdef, layer_state).modulation(block_cond)[:, None], state)
+
   def run_blocks(self, x: jax.Array, block_cond: jax.Array, *, attn_bias: jax.Array | None = None,
                  rng: jax.Array | None = None) -> jax.Array:
     """All blocks via lax.scan over the stacked layers; rng enables drop path (per-layer linspace rates)."""

@@ -267,10 +267,11 @@ class ScaleForward:
 _INPLACE, _FRESH, _COMPRESS, _GROW, _READ = "inplace", "fresh", "compress", "grow", "read"
 
 
-def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelState, spec: ScaleForward, *,
+def forward_scale(model: VAR, x: jax.Array, mods: jax.Array, state: ModelState, spec: ScaleForward, *,
                   hooks: SamplerHooks, kv_options, kv_dtype, attn_bias: jax.Array | None = None,
                   kv_index: list | None = None) -> tuple[jax.Array, ModelState]:
   """Runs all blocks on x (R, m, C) over the model's cache -> (h (R, m, C), the state for the next scale).
+  mods (depth, R, 1, 6, C): the blocks' AdaLN modulations, `model.layer_modulations(block_cond)`.
 
   Layers are grouped into runs of equal (cached length, pruned or not, capacity, recorded or not, cache buffer,
   what happens to it); each run is one `lax.scan` over its layers (weights indexed inside the body, so compile
@@ -339,8 +340,8 @@ def forward_scale(model: VAR, x: jax.Array, block_cond: jax.Array, state: ModelS
     # The scan only reads the cache buffer (a loop invariant) and returns the new keys/values; they are written
     # after it, all layers at once. Carrying the buffer through the scan and writing it inside made XLA:CPU copy
     # the whole buffer at every layer (2.2 s a scale for the d16 batch-8 cache, whatever the scale's size).
-    h, ys = jax.lax.scan(functools.partial(run.body, buf=buf, block_cond=block_cond, attn_bias=attn_bias, m=m),
-                         h, (jnp.arange(start, stop), restore))
+    h, ys = jax.lax.scan(functools.partial(run.body, buf=buf, attn_bias=attn_bias, m=m),
+                         h, (jnp.arange(start, stop), mods[start:stop], restore))
     if mode == _FRESH:
       size = max(spec.sizes[start:stop])
       shape = (stop - start, x.shape[0], model.config.num_heads, model.config.head_dim, size)
@@ -396,11 +397,11 @@ class _LayerRun:
   held: int  # cached tokens of every layer of the run
   offset: int  # the first layer of the run's cache buffer
 
-  def body(self, h, xs, *, buf, block_cond, attn_bias, m):
+  def body(self, h, xs, *, buf, attn_bias, m):
     # buf: the run's cache buffer (k, v) (layers, R, H, hd, size), read only; None when nothing is cached yet
-    layer, restore = xs  # restore: this layer's recorded {'attn', 'ffn'} (R, n*, C) on pruned runs
-    block = nnx.merge(self.graphdef, jax.tree.map(lambda a: a[layer], self.params))
-    mod = block.modulation(block_cond)[:, None]  # (R, 1, 6, C)
+    # mod (R, 1, 6, C): the layer's AdaLN modulation; restore: its recorded {'attn', 'ffn'} (R, n*, C) on pruned runs
+    layer, mod, restore = xs
+    block = nnx.merge(self.graphdef, jax.tree.map(lambda a: a[layer], self.params))  # the AdaLN kernel: unread
     li = layer - self.offset
     box, ys = {}, {}
 
@@ -541,6 +542,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
   edit_tokens = None if edit is None else _split_tokens(edit["tokens"], patch_nums)
   prev_model = None
   select_carry = None  # per-candidate state a select hook hands to the next one (e.g. a reward history)
+  modulations = {}  # (model, cfg rows on) -> its blocks' AdaLN modulations of the current rows; see below
 
   for si, (step, pn) in enumerate(zip(plan.steps, patch_nums, strict=True)):
     beg, end = begin_ends[si]
@@ -557,7 +559,11 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
     model = models[step.model]
     all_labels = jnp.concatenate([labels, null]) if step.cfg_on else labels
     cond = model.condition(all_labels)
-    block_cond = model.block_condition(cond)
+    # the modulations depend only on the rows' classes: computed once per model and row set, not per scale
+    mods_key = (step.model, step.cfg_on)
+    if mods_key not in modulations:
+      modulations[mods_key] = model.layer_modulations(model.block_condition(cond))
+    mods = modulations[mods_key]
     nxt_step = plan[si + 1] if si < s - 1 else None
     later = [plan[j] for j in range(si + 1, s)]
     record = None
@@ -583,11 +589,11 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
         model.embed_scale(_dup(xh, step.cfg_on), begin_ends[j + 1][0]) for j, xh in enumerate(x_hist)]
       x = jnp.concatenate(parts, axis=1)  # (R, end, C)
       bias = jnp.asarray(block_causal_bias(patch_nums)[:end, :end])
-      h, states[step.model] = forward_scale(model, x, block_cond, ModelState(), spec, attn_bias=bias, **kw)
+      h, states[step.model] = forward_scale(model, x, mods, ModelState(), spec, attn_bias=bias, **kw)
       h = h[:, beg:]
     else:
       x = model.first_tokens(cond) if si == 0 else model.embed_scale(_dup(x_hist[-1], step.cfg_on), beg)
-      h, states[step.model] = forward_scale(model, x, block_cond, states[step.model], spec, **kw)
+      h, states[step.model] = forward_scale(model, x, mods, states[step.model], spec, **kw)
     prev_model = step.model
     if kv_index:
       kv_index_out[si] = {f"{a}:{z}": idx for a, z, idx in kv_index}
@@ -630,6 +636,7 @@ def sample_loop(models: Mapping[str, VAR], vae, labels: jax.Array, seeds: jax.Ar
       row_idx = jnp.concatenate([keep_idx, keep_idx + b]) if cfg_rows else keep_idx
       states = {k: _rows(st, row_idx) for k, st in states.items()}
       f_hat, labels, base_keys = _take_rows((f_hat, labels, base_keys), keep_idx)
+      modulations.clear()  # other rows (and classes) from here on
       base_keys = _rekey_copies(base_keys, keep_idx, si)
       tokens, x_hist, logits_out, cond_logits_out = (
         _take_rows(lst, keep_idx) for lst in (tokens, x_hist, logits_out, cond_logits_out))
