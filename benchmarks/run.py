@@ -19,6 +19,7 @@ BENCHMARKS = {
     "inception": ("benchmarks.bench_inception", ["--iters", "1", "--batch_sizes", "50"]),
     "techniques": ("benchmarks.bench_techniques", ["--quick", "--setting", "speed"]),
     "breakdown": ("benchmarks.bench_breakdown", ["--quick"]),
+    "kernels": ("benchmarks.bench_kernels", ["--quick"]),
 }
 
 
