@@ -57,6 +57,15 @@ def conv_peak(iters: int = 3) -> float:
   return 2 * 128 * 128 * 320 * 320 * 9 / _best(f, (x, w), iters)
 
 
+def device_and_peaks() -> tuple[str, dict]:
+  """This run's device string and its matmul / conv peaks (FLOP/s), also printed as the "peaks" record."""
+  device = f"{jax.devices()[0].platform}:{jax.device_count()}x {jax.devices()[0].device_kind}"
+  peaks = {"matmul": matmul_peak(), "conv": conv_peak()}
+  print(json.dumps({"bench": "peaks", "device": device, "matmul_2048_gflop_per_s": round(peaks["matmul"] / 1e9, 1),
+                    "conv3x3_128x128x320_gflop_per_s": round(peaks["conv"] / 1e9, 1)}), flush=True)
+  return device, peaks
+
+
 def _best(fn, args, iters: int) -> float:
   jax.block_until_ready(fn(*args))
   best = float("inf")
@@ -316,10 +325,7 @@ def main(argv=None):
   p.add_argument("--train_batch", type=int, default=8)
   p.add_argument("--quick", action="store_true", help="smoke run: tiny VAR + fixture VQVAE, batch 2, one run")
   args = p.parse_args(argv)
-  device = f"{jax.devices()[0].platform}:{jax.device_count()}x {jax.devices()[0].device_kind}"
-  peaks = {"matmul": matmul_peak(), "conv": conv_peak()}
-  print(json.dumps({"bench": "peaks", "device": device, "matmul_2048_gflop_per_s": round(peaks["matmul"] / 1e9, 1),
-                    "conv3x3_128x128x320_gflop_per_s": round(peaks["conv"] / 1e9, 1)}), flush=True)
+  device, peaks = device_and_peaks()
   iters = 1 if args.quick else args.iters
   if args.quick:
     models, batches = {"tiny": var_model.preset("tiny")}, [2]

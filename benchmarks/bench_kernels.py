@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.bench_breakdown import QUICK_SAMPLING, SAMPLING, conv_peak
-from benchmarks.bench_sample import jit_build, matmul_peak, with_dtype
+from benchmarks.bench_breakdown import QUICK_SAMPLING, SAMPLING, device_and_peaks
+from benchmarks.bench_sample import jit_build, with_dtype
 from tokenizer import VQVAE, VQVAEConfig
 from var import model as var_model
 from var import sampler as sampler_lib
@@ -211,6 +211,7 @@ def bench_ceiling(name, var_cfg, vae, sampling, batch, iters, device, top: int, 
              "kernel_s_over_fused_s": round(seconds / fused_s, 3)}
   print(json.dumps(record("all", kinds, instances, seconds, fl, peak_fl, **extra)), flush=True)
 
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="d16", help="comma-separated var.model presets (d16, d20, d24, d30)")
@@ -221,10 +222,7 @@ def main(argv=None):
   p.add_argument("--fused", action="store_true", help="also time the real fused sampler in the same run")
   p.add_argument("--quick", action="store_true", help="smoke run: tiny VAR + fixture VQVAE, batch 2")
   args = p.parse_args(argv)
-  device = f"{jax.devices()[0].platform}:{jax.device_count()}x {jax.devices()[0].device_kind}"
-  peaks = {"matmul": matmul_peak(), "conv": conv_peak()}
-  print(json.dumps({"bench": "peaks", "device": device, "matmul_2048_gflop_per_s": round(peaks["matmul"] / 1e9, 1),
-                    "conv3x3_128x128x320_gflop_per_s": round(peaks["conv"] / 1e9, 1)}), flush=True)
+  device, _ = device_and_peaks()
   if args.quick:
     models, batches, vae_config, sampling = {"tiny": var_model.preset("tiny")}, [2], VQVAEConfig.preset("t1"), \
         QUICK_SAMPLING
