@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.bench_breakdown import QUICK_SAMPLING, SAMPLING, device_and_peaks
-from benchmarks.bench_sample import jit_build, with_dtype
+from benchmarks.bench_sample import jit_build
 from tokenizer import VQVAE, VQVAEConfig
 from var import model as var_model
 from var import sampler as sampler_lib
@@ -192,10 +192,7 @@ def bench_ceiling(name, var_cfg, vae, sampling, batch, iters, device, top: int, 
                             peak_fl - att[4] + att[3])), flush=True)
   extra = {}
   if fused:
-    real = (jit_build(lambda: var_model.VAR(var_cfg, rngs=nnx.Rngs(0))) if var_cfg.dtype == "float32"
-            else with_dtype(jit_build(lambda: var_model.VAR(
-                var_model.VARConfig.from_dict({**var_cfg.to_dict(), "dtype": "float32"}), rngs=nnx.Rngs(0))),
-                var_cfg.dtype))
+    real = jit_build(lambda: var_model.VAR(var_cfg, rngs=nnx.Rngs(0)))  # float32 parameters at any activation dtype
     s = sampler_lib.Sampler(real, vae, sampling)
     s.compile(batch)
     labels, seeds = np.arange(batch) % var_cfg.num_classes, np.arange(batch) + 1000

@@ -34,4 +34,3 @@ def test_collect_kernels_refuses_loops_of_unknown_length():
   jaxpr = jax.make_jaxpr(program)(jnp.ones((4, 4)), jnp.ones((4, 4))).jaxpr
   with pytest.raises(ValueError, match="while holds 1 matmul/conv kinds"):
     bench_kernels.collect_kernels(jaxpr)
-
